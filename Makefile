@@ -1,0 +1,44 @@
+# UB-SMoE: `make train` and `make test` set up .venv themselves on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+GLUE_DIR ?= $(abspath ../shared/data/glue)
+export GLUE_DIR
+
+.PHONY: help install train smoke test bench compare sweep plots clean
+
+help: ## list the targets
+	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP) ## create or refresh .venv with the pinned dependencies (nothing else)
+
+train: $(STAMP) ## the default experiment: python src/train.py experiment=glue_hetero
+	$(PY) src/train.py experiment=glue_hetero $(ARGS)
+
+smoke: $(STAMP) ## the same path in well under a minute (experiment=smoke)
+	$(PY) src/train.py experiment=smoke $(ARGS)
+
+test: $(STAMP) ## the whole test suite (uses GLUE_DIR, default ../shared/data/glue)
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP) ## speed and compute benchmarks, JSON into logs/bench/
+	$(PY) benchmarks/smoe_speed.py
+	$(PY) benchmarks/round_overhead.py
+
+compare: $(STAMP) ## every method on the same split, one table per tier (experiment=compare)
+	$(PY) -m ubsmoe.compare $(ARGS)
+
+clean: ## remove run outputs and caches (keeps .venv)
+	rm -rf logs/runs logs/multiruns logs/bench .cache .pytest_cache
