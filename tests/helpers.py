@@ -1,0 +1,51 @@
+"""Small builders shared by tests (not fixtures: plain functions)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from ubsmoe.config import Tier
+from ubsmoe.fl.client import ClientSpec, ClientUpdate
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The composed ``train`` config with overrides, outside of a Hydra run."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def make_update(
+    state: dict[str, torch.Tensor],
+    num_examples: int,
+    *,
+    k: int | None = 2,
+    expert_tokens: dict[str, torch.Tensor] | None = None,
+    tokens: float = 100.0,
+    pg_defaults: dict[str, torch.Tensor] | None = None,
+    client_id: int = 0,
+) -> ClientUpdate:
+    tier = Tier("t", 0.5, 1.0)
+    telemetry = {
+        layer: {"expert_tokens": counts, "tokens": torch.tensor(tokens)} for layer, counts in (expert_tokens or {}).items()
+    }
+    return ClientUpdate(
+        spec=ClientSpec(client_id=client_id, tier=tier, tier_index=0, k=k, rank=None),
+        state=state,
+        num_examples=num_examples,
+        telemetry=telemetry,
+        pg_defaults=pg_defaults or {},
+        train_loss=0.0,
+        num_steps=1,
+        bytes_received=0,
+        bytes_sent=0,
+    )
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
