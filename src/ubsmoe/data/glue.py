@@ -197,7 +197,15 @@ def load_glue(task: GlueTask, local_dir: str | None, splits: Sequence[str]) -> d
         loaded = datasets.load_dataset("parquet", data_files=files)
         source_of = files
     else:
-        everything = datasets.load_dataset(HUB_DATASET, task.name)
+        try:
+            everything = datasets.load_dataset(HUB_DATASET, task.name)
+        except ConnectionError as err:
+            raise ConfigError(
+                "data.local_dir",
+                None,
+                f"a local GLUE directory (data.local_dir=DIR or the GLUE_DIR environment variable) when "
+                f"the hub cannot be reached ({HUB_DATASET}: {err})",
+            ) from err
         unknown = [s for s in splits if s not in everything]
         if unknown:
             raise ConfigError(

@@ -13,6 +13,7 @@ One round, as DESIGN.md section 2 lays it out:
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
@@ -175,7 +176,19 @@ class FederatedLoop:
         self.fabric.call("on_round_end", loop=self, summary=summary)
         if self.checkpoint:
             save_checkpoint(self.fabric, self.output_dir / CHECKPOINT_FILE, self.state_dict(summary.wall_time))
+        self._write_timing(summary, time.perf_counter() - round_start)
         return summary
+
+    def _write_timing(self, summary: RoundSummary, total: float) -> None:
+        """``timings.jsonl``: where a round's wall time went (local training + evaluation vs the rest)."""
+        record = {
+            "round": summary.round,
+            "round_seconds": round(total, 4),
+            "train_eval_seconds": round(summary.train_eval_seconds, 4),
+            "overhead_seconds": round(total - summary.train_eval_seconds, 4),
+        }
+        with (self.output_dir / "timings.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def global_phi(self) -> dict[str, torch.Tensor]:
         """The global phi per SMoE layer (empty for dense methods)."""

@@ -1,0 +1,138 @@
+"""End to end on the local SST-2: the smoke experiment, determinism, resume, and CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import compose_config
+
+from ubsmoe.runner import run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# The smoke experiment, smaller still: every test here trains for real.
+TINY = (
+    "experiment=smoke",
+    "federation.num_clients=6",
+    "federation.clients_per_round=2",
+    "federation.local_steps=2",
+    "data.max_train_examples=240",
+    "data.max_eval_examples=32",
+    "logger=none",
+)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def without_time(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_time"} for r in records]
+
+
+def run(tmp: Path, *overrides: str, glue_dir: Path, cache_dir: Path) -> float | None:
+    cfg = compose_config(
+        *TINY, f"paths.output_dir={tmp}", f"data.local_dir={glue_dir}", f"paths.cache_dir={cache_dir}", *overrides
+    )
+    return run_experiment(cfg)
+
+
+def test_smoke_cli_writes_every_tier_and_wandb_histograms(tmp_path: Path, glue_dir: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "GLUE_DIR": str(glue_dir), "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, "src/train.py", "experiment=smoke", "logger=wandb", f"paths.output_dir={out}",
+         f"paths.cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    tiers = ["t25", "t50", "t75", "t100"]
+    for round_idx in (1, 2):
+        rows = [r for r in records if r["round"] == round_idx]
+        assert [r["tier"] for r in rows] == tiers
+        assert all(r["evaluated"] and 0.0 <= r["metrics"]["accuracy"] <= 1.0 for r in rows)
+        assert [r["k"] for r in rows] == [2, 4, 6, 8]
+        flops = [r["flops_per_example"] for r in rows]
+        assert flops == sorted(flops) and flops[0] < flops[-1]  # weak tiers really compute less
+    assert (out / "partition.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    # offline W&B run with the expert histograms and heatmaps
+    wandb_runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1
+    log = next(wandb_runs[0].glob("*.wandb")).read_bytes()
+    assert b"experts/train_utilization/layer0" in log and b"histogram" in log
+    assert list((wandb_runs[0] / "files" / "media" / "images").rglob("*.png"))
+
+
+def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path, glue_dir: Path, cache_dir: Path) -> None:
+    kw = {"glue_dir": glue_dir, "cache_dir": cache_dir}
+    run(tmp_path / "a", "seed=7", **kw)
+    run(tmp_path / "b", "seed=7", **kw)
+    run(tmp_path / "c", "seed=8", **kw)
+    a, b, c = (without_time(read_jsonl(tmp_path / x / "metrics.jsonl")) for x in "abc")
+    assert a == b
+    assert a != c
+    assert read_jsonl(tmp_path / "a" / "experts.jsonl") == read_jsonl(tmp_path / "b" / "experts.jsonl")
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path, glue_dir: Path, cache_dir: Path) -> None:
+    kw = {"glue_dir": glue_dir, "cache_dir": cache_dir}
+    straight = run(tmp_path / "straight", "federation.rounds=4", **kw)
+    run(tmp_path / "part", "federation.rounds=2", **kw)
+    resumed = run(tmp_path / "resumed", "federation.rounds=4", f"resume={tmp_path / 'part'}", **kw)
+    a = without_time(read_jsonl(tmp_path / "straight" / "metrics.jsonl"))
+    b = without_time(read_jsonl(tmp_path / "resumed" / "metrics.jsonl"))
+    assert [r["round"] for r in b] == [r["round"] for r in a]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ra:
+            if isinstance(ra[key], float):
+                assert rb[key] == pytest.approx(ra[key], abs=1e-6), key
+            elif key == "metrics" and ra[key]:
+                assert rb[key] == pytest.approx(ra[key], abs=1e-6)
+            else:
+                assert rb[key] == ra[key], key
+    assert resumed == pytest.approx(straight, abs=1e-6)
+    # resume=true continues in place, from the run directory's own checkpoint
+    run(tmp_path / "part", "federation.rounds=3", "resume=true", **kw)
+    assert max(r["round"] for r in read_jsonl(tmp_path / "part" / "metrics.jsonl")) == 3
+
+
+def test_resume_rejects_corrupt_or_incompatible_checkpoints(tmp_path: Path, glue_dir: Path, cache_dir: Path) -> None:
+    from ubsmoe.errors import ConfigError
+
+    kw = {"glue_dir": glue_dir, "cache_dir": cache_dir}
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="resume"):
+        run(tmp_path / "x", f"resume={bad}", **kw)
+    with pytest.raises(ConfigError, match="resume"):
+        run(tmp_path / "y", "resume=true", **kw)
+    run(tmp_path / "part", "federation.rounds=1", **kw)
+    with pytest.raises(ConfigError, match="method.dmr.kappa"):
+        run(tmp_path / "z", "method.dmr.kappa=3.0", f"resume={tmp_path / 'part'}", **kw)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("federation.clients_per_round=50", "federation.clients_per_round"),
+        ("data.task=sst3", "data.task"),
+        ("federation.dirichlet_alpha=0", "federation.dirichlet_alpha"),
+    ],
+)
+def test_cli_bad_value_is_one_clear_message(tmp_path: Path, glue_dir: Path, override: str, key: str) -> None:
+    env = {**os.environ, "GLUE_DIR": str(glue_dir), "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, "src/train.py", "experiment=smoke", override, f"paths.output_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert key in proc.stderr
+    assert "Traceback" not in proc.stderr
