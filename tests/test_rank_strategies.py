@@ -269,7 +269,7 @@ def test_flora_merges_the_exact_update_accumulates_it_and_restarts_lora() -> Non
     assert torch.count_nonzero(b) == 0
     assert float(a.abs().max()) <= IN**-0.5 and not torch.equal(a, first_a)
     payload = strategy.configure_client(server, _spec(rank=2))
-    torch.testing.assert_close(payload.state[base_delta_name(PREFIX)].double(), round1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(payload.base_deltas[base_delta_name(PREFIX)].double(), round1, rtol=0, atol=1e-6)
     assert torch.count_nonzero(payload.state[A_NAME][2:]) == 0
     round1_a = a.clone()
     round2 = _flora_round(strategy, server, (21, 22))

@@ -24,6 +24,7 @@ from ubsmoe.settings import (
     ModelSettings,
     OptimSettings,
     PGSettings,
+    SelfPruningSettings,
 )
 
 METHODS = ("ubsmoe", "smoe", "smoe_llb", "flame", "fedit", "hetlora", "flexlora", "flora")
@@ -153,6 +154,9 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_bool(cfg, "method.tier_scale")
     _require_float(cfg, "method.balance_loss", 0.0)
     _require_float(cfg, "method.expert_agg_exponent", 0.0)
+    if OmegaConf.select(cfg, "method.self_pruning.gamma") is not None:
+        _require_float(cfg, "method.self_pruning.gamma", 0.0, 1.0, low_open=True)
+        _require_float(cfg, "method.self_pruning.strength", 0.0)
 
     _require_int(cfg, "model.num_experts", 1)
     _require_choice(cfg, "model.pooling", POOLINGS)
@@ -231,9 +235,13 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
 
 
 def method_settings(cfg: DictConfig) -> MethodSettings:
-    """The validated ``method`` group as :class:`MethodSettings`."""
+    """The validated ``method`` group as :class:`MethodSettings` (unknown keys are an error, not ignored)."""
     raw = OmegaConf.to_container(cfg.method, resolve=True)
     assert isinstance(raw, dict)
+    allowed = set(MethodSettings.__dataclass_fields__)
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"method.{unknown[0]}", raw[unknown[0]], f"a key among {sorted(allowed)}")
     return MethodSettings(
         name=raw["name"],
         sparse=raw["sparse"],
@@ -243,4 +251,5 @@ def method_settings(cfg: DictConfig) -> MethodSettings:
         tier_scale=raw["tier_scale"],
         balance_loss=raw["balance_loss"],
         expert_agg_exponent=raw["expert_agg_exponent"],
+        self_pruning=SelfPruningSettings(**raw.get("self_pruning", {})),
     )

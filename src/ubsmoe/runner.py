@@ -169,7 +169,12 @@ def run_experiment(cfg: DictConfig) -> float | None:
         data=data,
         specs=make_client_specs(cfg.federation.num_clients, tier_specs),
         tier_specs=tier_specs,
-        strategy=build_strategy(method_cfg, module.expert_tensor_names()),
+        strategy=build_strategy(
+            method_cfg,
+            expert_tensor_names=module.expert_tensor_names(),
+            lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
+            seed=derive_seed(cfg.seed, "strategy"),
+        ),
         sampler=ClientSampler(
             cfg.federation.num_clients, cfg.federation.clients_per_round, derive_seed(cfg.seed, "sampling")
         ),

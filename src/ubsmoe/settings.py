@@ -61,6 +61,14 @@ class PGSettings:
 
 
 @dataclass
+class SelfPruningSettings:
+    """HetLoRA's rank self-pruning: decay factor gamma (None = off) and regularizer strength lambda."""
+
+    gamma: float | None = None
+    strength: float = 0.0
+
+
+@dataclass
 class MethodSettings:
     name: str = "ubsmoe"
     sparse: bool = True
@@ -70,3 +78,4 @@ class MethodSettings:
     tier_scale: bool = False
     balance_loss: float = 0.0
     expert_agg_exponent: float = 0.0
+    self_pruning: SelfPruningSettings = field(default_factory=SelfPruningSettings)

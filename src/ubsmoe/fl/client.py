@@ -9,6 +9,7 @@ optimizer for the configured local budget on its own data, and returns a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -39,13 +40,19 @@ class ClientSpec:
 
 @dataclass
 class ClientPayload:
-    """What the server sends one client: its trainable state and the PG default outputs."""
+    """What the server sends one client.
+
+    ``state``: the trainable tensors, shaped for the client (e.g. rank-truncated);
+    ``pg_defaults``: UB-SMoE's default expert outputs D per layer; ``base_deltas``: dense
+    updates merged into frozen weights (FLoRA), keyed ``<adapted module>.base_delta``.
+    """
 
     state: Tensors
     pg_defaults: Tensors = field(default_factory=dict)
+    base_deltas: Tensors = field(default_factory=dict)
 
     def num_bytes(self) -> int:
-        return tensor_bytes(self.state) + tensor_bytes(self.pg_defaults)
+        return tensor_bytes(self.state) + tensor_bytes(self.pg_defaults) + tensor_bytes(self.base_deltas)
 
 
 @dataclass
@@ -59,8 +66,8 @@ class ClientUpdate:
     pg_defaults: Tensors
     train_loss: float
     num_steps: int
-    bytes_received: int  # server -> client
-    bytes_sent: int  # client -> server
+    bytes_received: int = 0  # server -> client (set by the loop through the strategy's accounting)
+    bytes_sent: int = 0  # client -> server
 
     def expert_tokens(self, layer: str) -> torch.Tensor:
         return self.telemetry[layer]["expert_tokens"]
@@ -120,11 +127,13 @@ def train_client(
     local_steps: int | None,
     local_epochs: int | None,
     seed: int,
+    regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
 ) -> ClientUpdate:
-    """Local training of one client on the shared module; returns its update."""
-    module.set_client(k=spec.k, rank=spec.rank, tier_index=spec.tier_index)
-    module.load_trainable_state(payload.state)
-    module.set_pg_defaults(payload.pg_defaults)
+    """Local training of one client on the shared module; returns its update.
+
+    ``regularizer`` is a method's client-side loss term (HetLoRA's self-pruning penalty).
+    """
+    load_payload(module, spec, payload)
     module.reset_telemetry()
     module.train()
     # Dropout and any other in-step randomness depend only on (seed, round, client), so a
@@ -135,7 +144,10 @@ def train_client(
     for step, batch in enumerate(data.batches(round_idx, num_steps=local_steps, num_epochs=local_epochs)):
         batch = fabric.to_device(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss = module.training_step(batch, step)
+        with fabric.autocast():
+            loss = module.training_step(batch, step)
+            if regularizer is not None:
+                loss = loss + regularizer(module)
         fabric.backward(loss)
         module.on_after_backward()
         optimizer.step()
@@ -151,6 +163,12 @@ def train_client(
         pg_defaults=pg_defaults,
         train_loss=total_loss / max(steps, 1),
         num_steps=steps,
-        bytes_received=payload.num_bytes(),
-        bytes_sent=tensor_bytes(state) + tensor_bytes(pg_defaults),
     )
+
+
+def load_payload(module: FederatedClassifier, spec: ClientSpec, payload: ClientPayload) -> None:
+    """Put a client's compute shape and the server's payload into the shared module."""
+    module.set_client(k=spec.k, rank=spec.rank, tier_index=spec.tier_index)
+    module.set_base_deltas(payload.base_deltas)
+    module.load_trainable_state(payload.state)
+    module.set_pg_defaults(payload.pg_defaults)

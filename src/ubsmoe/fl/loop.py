@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ubsmoe.config import Tier
 from ubsmoe.fl.checkpoint import CHECKPOINT_FILE, save_checkpoint
-from ubsmoe.fl.client import ClientSpec, ClientUpdate, train_client
+from ubsmoe.fl.client import ClientSpec, ClientUpdate, load_payload, train_client
 from ubsmoe.fl.server import ClientSampler, ServerState, aggregate_utilization, owning_layer
 from ubsmoe.fl.strategies.base import Strategy
 from ubsmoe.fl.summary import RoundSummary, TierEvaluation
@@ -133,23 +133,25 @@ class FederatedLoop:
         updates: list[ClientUpdate] = []
         busy = 0.0
         for cid in client_ids:
-            spec = self.specs[cid]
+            spec = self.strategy.client_spec(self.specs[cid])
             payload = self.strategy.configure_client(self.server, spec)
             t0 = time.perf_counter()
-            updates.append(
-                train_client(
-                    self.fabric,
-                    self.module,
-                    spec,
-                    payload,
-                    self.data.clients[cid],
-                    round_idx=round_idx,
-                    local_steps=self.local_steps,
-                    local_epochs=self.local_epochs,
-                    seed=self.seed,
-                )
+            update = train_client(
+                self.fabric,
+                self.module,
+                spec,
+                payload,
+                self.data.clients[cid],
+                round_idx=round_idx,
+                local_steps=self.local_steps,
+                local_epochs=self.local_epochs,
+                seed=self.seed,
+                regularizer=self.strategy.client_regularizer(spec),
             )
             busy += time.perf_counter() - t0
+            update.bytes_received = self.strategy.payload_bytes(payload, spec)
+            update.bytes_sent = self.strategy.update_bytes(update)
+            updates.append(update)
             bar.advance(clients_task)
         self.strategy.aggregate(self.server, updates)
         self.server.utilization = aggregate_utilization(updates)
@@ -202,19 +204,19 @@ class FederatedLoop:
     def evaluate(self) -> dict[str, TierEvaluation]:
         """The global model on every evaluation split, once per tier at that tier's K / rank."""
         module = self.module
-        module.load_trainable_state(self.server.global_state)
-        module.set_pg_defaults(self.server.pg_defaults)
         module.eval()
         results: dict[str, TierEvaluation] = {}
         main = self.data.task.main_metric
         for tier_index, tier in enumerate(self.tiers):
+            # Each tier sees the global model exactly as a client of that tier receives it.
             spec = self.tier_spec(tier_index)
-            module.set_client(k=spec.k, rank=spec.rank, tier_index=tier_index)
+            load_payload(module, spec, self.strategy.configure_client(self.server, spec))
             module.reset_telemetry()
             metrics: dict[str, float] = {}
             for split, loader in self.data.eval_loaders.items():
                 for i, batch in enumerate(loader):
-                    module.validation_step(self.fabric.to_device(batch), i)
+                    with self.fabric.autocast():
+                        module.validation_step(self.fabric.to_device(batch), i)
                 values = module.compute_validation()
                 prefix = "" if len(self.data.eval_loaders) == 1 else f"{split}/"
                 metrics.update({f"{prefix}{k}": v for k, v in values.items()})

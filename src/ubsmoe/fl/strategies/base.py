@@ -9,11 +9,12 @@ model's layers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate
+from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate, tensor_bytes
 from ubsmoe.fl.server import ServerState
 
 Tensors = dict[str, torch.Tensor]
@@ -24,9 +25,27 @@ class Strategy(ABC):
 
     name: str = "base"
 
+    def client_spec(self, spec: ClientSpec) -> ClientSpec:
+        """The compute shape a client trains with this round (HetLoRA lowers r_c after self-pruning)."""
+        return spec
+
     def configure_client(self, server: ServerState, spec: ClientSpec) -> ClientPayload:
         """The payload for one client; by default the global state as it is."""
         return ClientPayload(state=server.global_state, pg_defaults=server.pg_defaults)
+
+    def payload_bytes(self, payload: ClientPayload, spec: ClientSpec) -> int:
+        """Bytes the server really sends this client (methods that truncate count only what is sent)."""
+        del spec
+        return payload.num_bytes()
+
+    def update_bytes(self, update: ClientUpdate) -> int:
+        """Bytes the client really sends back."""
+        return tensor_bytes(update.state) + tensor_bytes(update.pg_defaults)
+
+    def client_regularizer(self, spec: ClientSpec) -> Callable[[torch.nn.Module], torch.Tensor] | None:
+        """A method's extra client-side loss term (None: the model's own loss only)."""
+        del spec
+        return None
 
     @abstractmethod
     def aggregate(self, server: ServerState, updates: list[ClientUpdate]) -> None:

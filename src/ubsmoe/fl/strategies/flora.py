@@ -118,14 +118,12 @@ class FLoRA(LoraRankStrategy):
     def configure_client(self, server: ServerState, spec: ClientSpec) -> ClientPayload:
         pairs = find_lora_pairs(server.global_state)
         state = truncate_state(server.global_state, pairs, self.client_rank(spec))
-        state.update(self.base_deltas(server))
-        return ClientPayload(state=state, pg_defaults=server.pg_defaults)
+        return ClientPayload(state=state, pg_defaults=server.pg_defaults, base_deltas=self.base_deltas(server))
 
     def payload_bytes(self, payload: ClientPayload, spec: ClientSpec) -> int:
         """Rank-r_c pair, other tensors, and the newest stack in place of the dense base deltas."""
         pairs = find_lora_pairs(payload.state)
-        rest = {name: t for name, t in payload.state.items() if not name.endswith(f".{BASE_DELTA_SUFFIX}")}
-        total = rank_limited_bytes(rest, pairs, self.client_rank(spec)) + tensor_bytes(payload.pg_defaults)
+        total = rank_limited_bytes(payload.state, pairs, self.client_rank(spec)) + tensor_bytes(payload.pg_defaults)
         for prefix, (a_name, b_name) in pairs.items():
             a, b = payload.state[a_name], payload.state[b_name]
             total += self.stack_ranks.get(prefix, 0) * (a.shape[1] * a.element_size() + b.shape[0] * b.element_size())

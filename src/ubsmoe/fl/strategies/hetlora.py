@@ -32,10 +32,12 @@ per-client rank); the model must train the rank :meth:`HetLoRA.client_rank` repo
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from ubsmoe.fl.client import ClientSpec, ClientUpdate
 from ubsmoe.fl.server import ServerState
@@ -143,10 +145,11 @@ class HetLoRA(LoraRankStrategy):
 
     name = "hetlora"
 
-    def __init__(self, *, gamma: float | None = None, prune_tol: float = 1e-6) -> None:
+    def __init__(self, *, gamma: float | None = None, strength: float = 0.0, prune_tol: float = 1e-6) -> None:
         if gamma is not None:
             tail_start(1, gamma)  # validates the range
         self.gamma = gamma
+        self.strength = float(strength)
         self.prune_tol = float(prune_tol)
         self.client_ranks: dict[int, int] = {}
 
@@ -156,6 +159,21 @@ class HetLoRA(LoraRankStrategy):
         if pruned is None:
             return spec.rank
         return pruned if spec.rank is None else min(spec.rank, pruned)
+
+    def client_spec(self, spec: ClientSpec) -> ClientSpec:
+        return replace(spec, rank=self.client_rank(spec))
+
+    def client_regularizer(self, spec: ClientSpec) -> Callable[[nn.Module], torch.Tensor] | None:
+        """The self-pruning penalty on the client's rank-r_c adapters (None when pruning is off)."""
+        if self.gamma is None or self.strength <= 0:
+            return None
+        gamma, strength, rank = self.gamma, self.strength, self.client_rank(spec)
+
+        def penalty(module: nn.Module) -> torch.Tensor:
+            params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+            return self_pruning_penalty_over(params, rank, gamma, strength=strength)
+
+        return penalty
 
     def aggregate(self, server: ServerState, updates: list[ClientUpdate]) -> None:
         if not updates:
