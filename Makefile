@@ -40,5 +40,12 @@ bench: $(STAMP) ## speed and compute benchmarks, JSON into logs/bench/
 compare: $(STAMP) ## every method on the same split, one table per tier (experiment=compare)
 	$(PY) -m ubsmoe.compare $(ARGS)
 
+SWEEP ?= ablation
+sweep: $(STAMP) ## create a W&B grid sweep (SWEEP=ablation|methods), then run the printed `wandb agent`
+	WANDB_MODE=online $(VENV)/bin/wandb sweep configs/sweeps/$(SWEEP).yaml
+
+plots: $(STAMP) ## PNGs from run directories: make plots RUNS="logs/runs/..."
+	$(PY) -m ubsmoe.plots $(RUNS) $(ARGS)
+
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf logs/runs logs/multiruns logs/bench .cache .pytest_cache

@@ -77,6 +77,7 @@ class MetricsWriter:
             ev = summary.evaluation.get(tier.name) if summary.evaluation else None
             spec = loop.tier_spec(tier_index)
             n_updates = len(updates)
+            flops = ev.flops_per_example if ev else loop.tier_flops(tier_index)
             records.append(
                 {
                     "round": summary.round,
@@ -90,7 +91,8 @@ class MetricsWriter:
                     "main_metric": ev.main_metric if ev else None,
                     "train_loss": sum(u.train_loss for u in updates) / n_updates if n_updates else None,
                     "num_clients": n_updates,
-                    "flops_per_example": ev.flops_per_example if ev else loop.tier_flops(tier_index),
+                    "flops_per_example": flops,
+                    "flops_ratio_to_dense": round(flops / loop.dense_flops_per_example, 6),
                     "expert_entropy": [expert_entropy(u) for u in ev.utilization.values()] if ev else None,
                     "expert_cv": [expert_cv(u) for u in ev.utilization.values()] if ev else None,
                     "max_load_fraction": list(ev.max_load_fraction.values()) if ev else None,

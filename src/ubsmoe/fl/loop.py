@@ -30,6 +30,7 @@ from ubsmoe.fl.client import ClientSpec, ClientUpdate, load_payload, train_clien
 from ubsmoe.fl.server import ClientSampler, ServerState, aggregate_utilization, owning_layer
 from ubsmoe.fl.strategies.base import Strategy
 from ubsmoe.fl.summary import RoundSummary, TierEvaluation
+from ubsmoe.smoe.flops import flops_per_example
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -83,6 +84,7 @@ class FederatedLoop:
         self.server = ServerState(round=0, global_state=module.trainable_state(), pg_defaults=module.pg_defaults())
         self.elapsed_before = 0.0  # wall time of the rounds run before a resume
         self.eval_lengths = self._eval_lengths()
+        self.dense_flops_per_example = self.dense_flops()
         self.last_evaluation: dict[str, TierEvaluation] | None = None
 
     # ----------------------------------------------------------------------------- tiers
@@ -97,6 +99,16 @@ class FederatedLoop:
             for batch in loader:
                 lengths.update(int(n) for n in batch["attention_mask"].sum(1).tolist())
         return lengths
+
+    def dense_flops(self) -> float:
+        """Mean forward FLOPs per evaluation example of the dense backbone with full-rank LoRA (the reference)."""
+        settings = self.module.model_settings
+        dims = self.module.encoder_dims()
+        total = sum(
+            count * flops_per_example(dims, length, lora_rank=settings.lora.rank, sparse=False, ffn_lora=settings.lora.ffn)
+            for length, count in self.eval_lengths.items()
+        )
+        return total / max(sum(self.eval_lengths.values()), 1)
 
     def tier_flops(self, tier_index: int) -> float:
         """Mean forward FLOPs per evaluation example at the tier's K / rank (analytic)."""
