@@ -1,4 +1,4 @@
-"""Shared test set-up: offline everything, and the local GLUE copy."""
+"""Shared test set-up: offline everything, the local GLUE copy, and the real smoke runs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import run_train_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -30,3 +31,24 @@ def glue_dir() -> Path:
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tokenization cache for the whole session, so tests tokenize each split once."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory: pytest.TempPathFactory, glue_dir: Path) -> dict[str, Path]:
+    """Two real smoke runs on the local SST-2 through the CLI: UB-SMoE (with offline W&B) and FedIT.
+
+    Shared by the end-to-end checks and the notebook / plots tests, so the suite trains
+    them once.
+    """
+    root = tmp_path_factory.mktemp("smoke")
+    cache = root / "cache"
+    runs = {}
+    for method, logger in (("ubsmoe", "wandb"), ("fedit", "csv")):
+        out = root / method
+        proc = run_train_cli(
+            "experiment=smoke", f"method={method}", f"logger={logger}", f"paths.output_dir={out}",
+            f"paths.cache_dir={cache}", glue_dir=glue_dir,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[method] = out
+    return runs

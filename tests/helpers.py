@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -12,7 +14,8 @@ from omegaconf import DictConfig
 from ubsmoe.config import Tier
 from ubsmoe.fl.client import ClientSpec, ClientUpdate
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(PROJECT_ROOT / "configs")
 
 
 def compose_config(*overrides: str) -> DictConfig:
@@ -48,4 +51,10 @@ def make_update(
     )
 
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def run_train_cli(*overrides: str, glue_dir: Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    """``python src/train.py OVERRIDES`` from the project root, offline, as a user would run it."""
+    env = {**os.environ, "GLUE_DIR": str(glue_dir), "WANDB_MODE": "offline", "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    return subprocess.run(
+        [sys.executable, "src/train.py", *overrides],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip

@@ -21,7 +21,6 @@ import yaml
 from hydra import compose, initialize_config_dir
 from nbclient import NotebookClient
 from omegaconf import OmegaConf
-from test_plots import write_fake_run
 
 from ubsmoe import plots
 from ubsmoe.config import METHODS, validate
@@ -34,14 +33,9 @@ MIN_PNG_BYTES = 1000
 
 
 @pytest.fixture(scope="module")
-def run_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """The run directories the workflow is checked on: two methods x four tiers x three rounds,
-    six layers x eight experts, written by the real MetricsWriter from simulated rounds."""
-    root = tmp_path_factory.mktemp("runs")
-    return [
-        write_fake_run(root / "0", "ubsmoe", seed=1, overrides=["experiment=smoke", "seed=1"]),
-        write_fake_run(root / "1", "smoe", seed=2, overrides=["experiment=smoke", "method=smoe", "seed=2"]),
-    ]
+def run_dirs(smoke_runs: dict[str, Path]) -> list[Path]:
+    """The run directories the workflow is checked on: the real smoke runs (UB-SMoE and FedIT)."""
+    return [smoke_runs["ubsmoe"], smoke_runs["fedit"]]
 
 
 # ------------------------------------------------------------------------------------ notebooks

@@ -62,6 +62,7 @@ def write_fake_run(
         tiers=list(tiers),
         tier_spec=lambda i: specs[i],
         tier_flops=lambda i: 1.0e9 * (0.4 + 0.6 * tiers[i].beta),
+        dense_flops_per_example=1.0e9,
         fabric=SimpleNamespace(log_dict=lambda *args, **kwargs: None),
     )
     writer = MetricsWriter(run_dir, method=method, task="sst2", seed=seed)

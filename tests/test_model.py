@@ -1,0 +1,256 @@
+"""FederatedClassifier: steps, client budgets, state exchange, PG and DMR in the loss, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import torchmetrics
+
+from ubsmoe.errors import ConfigError
+from ubsmoe.model import FederatedClassifier
+from ubsmoe.settings import LoraSettings, MethodSettings, ModelSettings
+
+
+def classification_metrics():
+    return torchmetrics.MetricCollection({"accuracy": torchmetrics.classification.MulticlassAccuracy(num_classes=2)})
+
+
+def build(*, sparse=True, num_labels=2, seed=0, model=None, method=None, num_tiers=4):
+    metrics = classification_metrics() if num_labels > 1 else torchmetrics.MetricCollection(
+        {"pearson": torchmetrics.PearsonCorrCoef()}
+    )
+    return FederatedClassifier(
+        model=model or ModelSettings(dropout=0.0),
+        method=method or MethodSettings(sparse=sparse),
+        num_labels=num_labels,
+        metrics=metrics,
+        num_tiers=num_tiers,
+        init_seed=seed,
+    )
+
+
+@pytest.fixture(scope="module")
+def sparse_model():
+    return build()
+
+
+@pytest.fixture(scope="module")
+def dense_model():
+    return build(sparse=False)
+
+
+def make_batch(n=8, length=10, regression=False):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[::2, length - 3 :] = 0
+    ids[mask == 0] = 0
+    labels = torch.rand(n, generator=g) * 5 if regression else torch.arange(n) % 2
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
+
+
+def train_steps(model, batch, steps):
+    model.train()
+    opt = model.configure_optimizers()
+    losses = []
+    for i in range(steps):
+        loss = model.training_step(batch, i)
+        loss.backward()
+        model.on_after_backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_sparse_training_reduces_loss_and_restores(sparse_model):
+    start = sparse_model.trainable_state()
+    sparse_model.set_client(k=2)
+    losses = train_steps(sparse_model, make_batch(), 6)
+    assert losses[-1] < 0.7 * losses[0]
+    changed = sparse_model.trainable_state()
+    assert any(not torch.equal(start[n], changed[n]) for n in sparse_model.expert_tensor_names())
+    tel = sparse_model.telemetry()
+    assert len(tel) == 6
+    layer = tel["encoder.layer.0"]
+    assert layer["expert_tokens"].sum() == 2 * layer["tokens"] and layer["tokens"] == 6 * int(make_batch()["attention_mask"].sum())
+    assert 0.25 <= float(layer["max_load_fraction"]) <= 1.0
+    sparse_model.reset_telemetry()
+    assert sparse_model.telemetry()["encoder.layer.0"]["tokens"] == 0
+    sparse_model.load_trainable_state(start)
+    assert all(torch.equal(v, sparse_model.trainable_state()[n]) for n, v in start.items())
+    sparse_model.set_client()
+
+
+def test_k_equal_m_matches_dense_model_logits(sparse_model, dense_model):
+    batch = make_batch()
+    sparse_model.set_client(k=8)
+    sparse_model.eval(), dense_model.eval()
+    with torch.no_grad():
+        a = sparse_model._logits(batch)
+        b = dense_model._logits(batch)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_state_names_and_strict_loading(sparse_model):
+    state = sparse_model.trainable_state()
+    experts = sparse_model.expert_tensor_names()
+    phis = sparse_model.phi_names()
+    assert len(experts) == 6 * 4 and len(phis) == 6
+    assert all(state[n].shape[0] == 8 for n in experts + phis)
+    assert any(n.endswith("router.weight") for n in state) and "head.weight" in state
+    assert all(v.device.type == "cpu" and not v.requires_grad for v in state.values())
+    bad = dict(state)
+    bad.pop("head.bias")
+    with pytest.raises(KeyError):
+        sparse_model.load_trainable_state(bad)
+    bad = dict(state)
+    bad["head.bias"] = torch.zeros(3)
+    with pytest.raises(ValueError):
+        sparse_model.load_trainable_state(bad)
+
+
+def test_same_seed_same_state_and_global_rng_untouched(sparse_model):
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    twin = build()
+    assert torch.equal(torch.rand(3), expected_next)
+    a, b = sparse_model.trainable_state(), twin.trainable_state()
+    fresh = build(seed=0).trainable_state()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(b[n], fresh[n]) for n in b)
+    other = build(seed=1).trainable_state()
+    assert not torch.equal(b["head.weight"], other["head.weight"])
+
+
+def test_set_client_validates(sparse_model):
+    for bad in (0, 9):
+        with pytest.raises(ConfigError) as err:
+            sparse_model.set_client(k=bad)
+        assert err.value.key == "client.k"
+    with pytest.raises(ConfigError):
+        sparse_model.set_client(rank=9)
+    sparse_model.set_client(k=3, tier_index=2)
+    assert all(b.k == 3 and b.tier_index == 2 for b in sparse_model.blocks.values())
+    sparse_model.set_client()
+    assert all(b.k == 8 for b in sparse_model.blocks.values())
+
+
+def test_pg_expert_signal_switch():
+    method = MethodSettings()
+    model = build(method=method)
+    model.set_client(k=1)
+    batch = make_batch(n=2, length=6)
+
+    def starved_grads():
+        model.zero_grad()
+        model.train()
+        for block in model.blocks.values():
+            block.reset_step()
+            with torch.no_grad():
+                block.lora.lora_B1.normal_(std=0.01)  # so that every LoRA tensor has a real gradient
+        model.training_step(batch, 0).backward()
+        starved = {name: b.counters("step")["expert_tokens"] == 0 for name, b in model.blocks.items()}
+        model.on_after_backward()
+        out = []
+        for name, block in model.blocks.items():
+            for t in block.lora.tensors():
+                out.append(t.grad[starved[name]])
+        return out, starved
+
+    method.pg.expert = False
+    grads, starved = starved_grads()
+    assert any(s.any() for s in starved.values())
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+    method.pg.expert = True
+    grads, _ = starved_grads()
+    assert sum(torch.count_nonzero(g) for g in grads) > 0
+
+
+def test_dmr_penalty_and_optimizer_groups(sparse_model):
+    batch = make_batch()
+    sparse_model.set_client(k=2)
+    sparse_model.eval()  # no dropout noise (dropout is 0 anyway), same routing twice
+    with torch.no_grad():
+        base = float(sparse_model.training_step(batch, 0))
+        phi = sparse_model.blocks["encoder.layer.0"].phi
+        phi.fill_(3.0)  # 2 above phi_max = 1 on each of 8 experts, and routing shifts uniformly
+        shifted = float(sparse_model.training_step(batch, 0))
+        phi.zero_()
+    settings = sparse_model.method.dmr
+    assert shifted - base == pytest.approx(settings.penalty * 8 * 2.0**2, rel=1e-4)
+    opt = sparse_model.configure_optimizers()
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    optim = sparse_model.model_settings.optim
+    assert lrs == {"lora": optim.lr, "head": optim.head_lr, "router": optim.router_lr, "phi": optim.phi_lr}
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == len(sparse_model.trainable_state())
+    sparse_model.set_client()
+
+
+def test_pg_defaults_round_trip(sparse_model):
+    defaults = sparse_model.pg_defaults()
+    assert set(defaults) == set(sparse_model.blocks) and defaults["encoder.layer.0"].shape == (8, 384)
+    new = {n: torch.full_like(v, 0.5) for n, v in defaults.items()}
+    sparse_model.set_pg_defaults(new)
+    assert torch.equal(sparse_model.pg_defaults()["encoder.layer.3"], new["encoder.layer.3"])
+    sparse_model.set_pg_defaults(defaults)
+
+
+def test_dense_hetero_rank_masks_components(dense_model):
+    state = dense_model.trainable_state()
+    assert not dense_model.expert_tensor_names() and not dense_model.phi_names()
+    ffn = [n for n in state if "intermediate.dense.lora" in n or "output.dense.lora" in n]
+    assert len(ffn) == 6 * 2 * 2  # LoRA A and B on both FFN matrices of every layer
+    full_flops = dense_model.flops_per_example(64)
+    dense_model.set_client(rank=2)
+    assert dense_model.flops_per_example(64) < full_flops  # a rank-2 client is counted at rank 2
+    train_steps(dense_model, make_batch(), 2)
+    trained = dense_model.trainable_state()
+    for name, value in trained.items():
+        if "lora_A" in name:
+            assert torch.count_nonzero(value[2:]) == 0 and torch.count_nonzero(value[:2]) > 0
+        elif "lora_B" in name:
+            assert torch.count_nonzero(value[:, 2:]) == 0
+    dense_model.set_client()
+    dense_model.load_trainable_state(state)
+
+
+def test_regression_head_and_validation():
+    model = build(num_labels=1, sparse=True)
+    batch = make_batch(regression=True)
+    model.set_client(k=4)
+    losses = train_steps(model, batch, 5)
+    assert losses[-1] < losses[0]
+    model.eval()
+    model.validation_step(batch, 0)
+    model.validation_step(batch, 1)
+    values = model.compute_validation()
+    assert set(values) == {"pearson", "loss"} and all(isinstance(v, float) for v in values.values())
+    with torch.no_grad():
+        expected = float(torch.nn.functional.mse_loss(model._logits(batch), batch["labels"]))
+    assert values["loss"] == pytest.approx(expected, rel=1e-5)
+    model.validation_step(batch, 0)
+    assert model.compute_validation()["loss"] == pytest.approx(expected, rel=1e-5)  # reset between calls
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        build(model=ModelSettings(num_experts=7))
+    assert err.value.key == "model.num_experts"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ConfigError) as err:
+        build(model=ModelSettings(backbone=str(tmp_path)))
+    assert err.value.key == "model.backbone"
+    with pytest.raises(ConfigError) as err:
+        build(model=ModelSettings(pooling="max"))
+    assert err.value.key == "model.pooling"
+    with pytest.raises(ConfigError) as err:
+        build(model=ModelSettings(lora=LoraSettings(attention_targets=["nonexistent"])))
+    assert err.value.key == "model.lora.attention_targets"
