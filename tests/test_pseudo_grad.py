@@ -122,8 +122,8 @@ def test_pseudo_gradients_reach_experts_without_tokens():
         assert torch.count_nonzero(g[starved]) == 0  # PG off: nothing for starved experts
 
     coefficients = pseudo_gradient_coefficients(
-        counters["expert_tokens"], counters["tokens"], counters["inactive_mass"], counters["active_mass"],
-        counters["active_assignments"], k=1, eta=0.1,
+        counters["tokens"], counters["inactive_mass"], counters["active_mass"], counters["active_assignments"],
+        k=1, eta=0.1,
     )  # fmt: skip
     assert (coefficients > 0).all() and (coefficients <= 1).all()
     add_expert_pseudo_gradients(block.lora.tensors(), counters["expert_tokens"], coefficients)
@@ -140,12 +140,12 @@ def test_pseudo_gradients_reach_experts_without_tokens():
 def test_coefficients_scale_with_sparsity_and_are_capped():
     tokens_, inactive = torch.tensor(10.0), torch.tensor([2.0, 1.0, 0.0, 0.5], dtype=torch.float64)
     active_mass, assignments = torch.tensor(6.0), torch.tensor(10.0)
-    c1 = pseudo_gradient_coefficients(torch.zeros(4), tokens_, inactive, active_mass, assignments, k=1, eta=0.1)
-    c2 = pseudo_gradient_coefficients(torch.zeros(4), tokens_, inactive, active_mass, assignments, k=2, eta=0.1)
+    c1 = pseudo_gradient_coefficients(tokens_, inactive, active_mass, assignments, k=1, eta=0.1)
+    c2 = pseudo_gradient_coefficients(tokens_, inactive, active_mass, assignments, k=2, eta=0.1)
     # eta * rho * P_off / P_on with rho = M / K, P_off = inactive / tokens, P_on = active_mass / assignments
     torch.testing.assert_close(c1, 0.1 * 4 * (inactive / 10.0) / 0.6)
     torch.testing.assert_close(c1, 2 * c2)
-    capped = pseudo_gradient_coefficients(torch.zeros(4), tokens_, inactive, active_mass, assignments, k=1, eta=10.0)
+    capped = pseudo_gradient_coefficients(tokens_, inactive, active_mass, assignments, k=1, eta=10.0)
     assert capped.max() == 1.0
-    empty = pseudo_gradient_coefficients(torch.zeros(4), torch.tensor(0.0), inactive, active_mass, assignments, 1, 0.1)
+    empty = pseudo_gradient_coefficients(torch.tensor(0.0), inactive, active_mass, assignments, 1, 0.1)
     assert torch.count_nonzero(empty) == 0

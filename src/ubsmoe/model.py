@@ -321,8 +321,9 @@ class FederatedClassifier(lightning.LightningModule):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         mask = attention_mask.bool()
+        token_mask = None if bool(mask.all()) else mask  # no padding: nothing to skip
         for block in self.blocks.values():
-            block.token_mask = mask
+            block.token_mask = token_mask
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if self.model_settings.pooling == "cls":
@@ -363,9 +364,8 @@ class FederatedClassifier(lightning.LightningModule):
             if pg.expert and block.lora is not None and block.k < block.num_experts:
                 c = block.counters("step")
                 coefficients = pseudo_gradient_coefficients(
-                    c["expert_tokens"], c["tokens"], c["inactive_mass"], c["active_mass"], c["active_assignments"],
-                    block.k, pg.eta,
-                )  # fmt: skip
+                    c["tokens"], c["inactive_mass"], c["active_mass"], c["active_assignments"], block.k, pg.eta
+                )
                 add_expert_pseudo_gradients(block.lora.tensors(), c["expert_tokens"], coefficients)
             block.reset_step()
 

@@ -7,18 +7,21 @@ made a slicing-in-autograd prototype slow):
 
 - :class:`DispatchedExperts` (``K < M``): the ``(token, expert)`` assignments are sorted by
   expert; one gather builds the expert-contiguous inputs, each expert runs two matrix
-  products on its own contiguous rows, one ``index_add_`` scatters the results back.
+  products on its own contiguous rows, one ``index_add_`` adds the results back.
 - :class:`DenseExperts` (``K = M``): every expert sees every token, which is the dense FFN
   itself: two full matrix products over the (permuted) neurons, exactly the backbone's
   computation, with no gather or scatter.
 
 Gates have value exactly 1 (:func:`ubsmoe.smoe.routing.unit_gates`), so the kernels never
-multiply by them; their backward returns ``dL/dg_e = <u_e, dL/du_e>`` for each assignment,
-which is what the router learns from. ``u_e`` are the expert's hidden activations.
+multiply by them. They take the router probabilities ``p`` instead and return the gradient
+the gates would have sent to ``p``: ``dL/dg_e = <u_e, dL/du_e>`` on each active pair (``u_e``
+the expert's hidden activations), plus the PG router signal's ``<dL/dy, D_i>`` on inactive
+pairs (:func:`ubsmoe.smoe.pseudo_grad.router_signal`), without building either in autograd.
 
 :func:`masked_loop_experts` is the straightforward reference (a Python loop over experts
-with boolean masks, as Hugging Face's eager Mixtral block does, all in autograd). Tests use
-it to check the kernels' values and gradients; the benchmark times it.
+with boolean masks, as Hugging Face's eager Mixtral block does, all in autograd, with the
+gates and the router signal built literally). Tests check that the kernels give the same
+values and gradients; the benchmark times it.
 """
 
 from __future__ import annotations
@@ -72,65 +75,47 @@ class Activation:
         return dz
 
 
-def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, first row, number of rows) for each expert that received rows."""
-    out, start = [], 0
-    for expert, count in enumerate(counts):
-        if count:
-            out.append((expert, start, count))
-        start += count
-    return out
+@dataclass
+class DispatchPlan:
+    """Where each (token, expert) assignment goes, sorted by expert."""
 
+    tokens: torch.Tensor  # [A] token of each assignment
+    prob_index: torch.Tensor  # [A] flat index ``token * M + expert`` into the router probabilities
+    counts: list[int]  # assignments per expert
+    num_tokens: int  # N, all tokens of the batch (padding included)
 
-def _combine(
-    rows: torch.Tensor,
-    combine_index: torch.Tensor,
-    k: int,
-    token_ids: torch.Tensor | None,
-    num_tokens: int,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """Sum each token's ``k`` expert rows back into token order (a gather, not a scatter).
-
-    ``combine_index[j * k + s]`` is the sorted row of slot ``s`` of the ``j``-th dispatched
-    token. Every dispatched token has exactly ``k`` rows, so a gather plus a sum over ``k``
-    replaces ``index_add_`` (which PyTorch runs as a much slower scatter on CPU).
-    ``token_ids`` (``None`` = all tokens) says where the dispatched tokens go; the others
-    get ``bias`` (or zero).
-    """
-    gathered = rows.index_select(0, combine_index)
-    per_token = gathered if k == 1 or gathered.shape[0] == 0 else gathered.view(-1, k, rows.shape[1]).sum(1)
-    if token_ids is None:
-        return per_token if bias is None else per_token.add_(bias)
-    if bias is None:
-        out = rows.new_zeros(num_tokens, rows.shape[1])
-    else:
-        out = bias.expand(num_tokens, rows.shape[1]).clone()
-        per_token.add_(bias)
-    return out.index_copy_(0, token_ids, per_token)
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(expert, first row, number of rows) for each expert that received rows."""
+        out, start = [], 0
+        for expert, count in enumerate(self.counts):
+            if count:
+                out.append((expert, start, count))
+            start += count
+        return out
 
 
 class DispatchedExperts(torch.autograd.Function):
     """``K < M``: run each expert on its own tokens only (sorted dispatch, manual backward).
 
-    Inputs: ``x [N, h]``; ``gates [A]`` (unit-valued, one per assignment, in sorted order);
-    the four stacked LoRA tensors (or ``None``); the frozen ``w1 [M, d_e, h]``,
-    ``b1 [M, d_e]``, ``w2t [M, d_e, h]``, optional shared ``bias [h]``; ``tokens [A]`` (the
-    token of each assignment, sorted by expert), ``combine_index [A]`` (see :func:`_combine`),
-    ``token_ids`` (the dispatched tokens, ``None`` = all), ``counts`` (rows per expert) and ``k``.
-    Returns ``y [N, h]`` and, if asked, the per-expert sums of ``u`` ``[M, d_e]`` (no grad).
+    Inputs: ``x [N, h]``; the router probabilities ``probs [N, M]``; the four stacked LoRA
+    tensors (or ``None``); a :class:`DispatchPlan`; the frozen ``w1 [M, d_e, h]``,
+    ``b1 [M, d_e]``, ``w2t [M, d_e, h]``; the shared bias (or ``None``); the LoRA scaling;
+    the activation; whether to return the per-expert sums of hidden activations; and the
+    PG router signal ``(D [M, h], inactive [N, M])`` or ``None``. Returns ``y [N, h]`` and the
+    sums ``[M, d_e]`` (no gradient).
+
+    The gradient for ``probs`` is that of the unit gates (``<u_e, dL/du_e>`` on each active
+    pair) plus, with the router signal, ``<dL/dy, D_i>`` on inactive pairs: exactly what
+    ``unit_gates`` and ``router_signal`` give in autograd, without building either.
     """
 
     @staticmethod
-    def forward(
-        ctx, x, gates, a1, bl1, a2, bl2, w1, b1, w2t, bias, tokens, combine_index, token_ids, counts, k, scaling,
-        act, want_sums,
-    ):
+    def forward(ctx, x, probs, a1, bl1, a2, bl2, plan, w1, b1, w2t, bias, scaling, act, want_sums, signal):
         num_experts, expert_size, hidden = w1.shape
-        segments = _segments(counts)
+        segments = plan.segments()
         has_lora = a1 is not None
-        total = tokens.shape[0]
-        xs = x.index_select(0, tokens)
+        total = plan.tokens.shape[0]
+        xs = x.index_select(0, plan.tokens)
         z = x.new_empty(total, expert_size)
         xa = x.new_empty(total, a1.shape[1]) if has_lora else None
         for e, start, count in segments:
@@ -148,26 +133,33 @@ class DispatchedExperts(torch.autograd.Function):
             if has_lora:
                 torch.mm(u[rows], a2[e].t(), out=ua[rows])
                 ys[rows].addmm_(ua[rows], bl2[e].t(), alpha=scaling)
-        y = _combine(ys, combine_index, k, token_ids, x.shape[0], bias)
+        y = x.new_zeros(x.shape[0], hidden) if bias is None else bias.expand(x.shape[0], hidden).clone()
+        y.index_add_(0, plan.tokens, ys)
         sums = x.new_zeros(num_experts, expert_size)
         if want_sums:
             for e, start, count in segments:
                 torch.sum(u[start : start + count], dim=0, out=sums[e])
-        ctx.save_for_backward(xs, z, u, xa, ua, tokens, combine_index, token_ids, a1, bl1, a2, bl2, w1, w2t)
-        ctx.meta = (segments, scaling, act, x.shape[0], has_lora, k)
+        ctx.save_for_backward(xs, z, u, xa, ua, a1, bl1, a2, bl2, w1, w2t)
+        ctx.plan, ctx.signal = plan, signal
+        ctx.meta = (scaling, act, has_lora)
         ctx.mark_non_differentiable(sums)
         return y, sums
 
     @staticmethod
     def backward(ctx, dy, _dsums):
-        xs, z, u, xa, ua, tokens, combine_index, token_ids, a1, bl1, a2, bl2, w1, w2t = ctx.saved_tensors
-        segments, scaling, act, num_tokens, has_lora, k = ctx.meta
-        dys = dy.index_select(0, tokens)
+        xs, z, u, xa, ua, a1, bl1, a2, bl2, w1, w2t = ctx.saved_tensors
+        plan, signal = ctx.plan, ctx.signal
+        scaling, act, has_lora = ctx.meta
+        segments = plan.segments()
+        dys = dy.index_select(0, plan.tokens)
         dv = torch.empty_like(u)
-        grads_lora = [None, None, None, None]
+        da1 = dbl1 = da2 = dbl2 = None
         if has_lora:
-            grads_lora = [torch.zeros_like(t) for t in (a1, bl1, a2, bl2)]
-        da1, dbl1, da2, dbl2 = grads_lora
+            # B gradients are computed transposed (products with r output rows are several
+            # times faster here than with r output columns), then flipped back
+            da1, da2 = torch.zeros_like(a1), torch.zeros_like(a2)
+            dbl1_t = torch.zeros_like(bl1.transpose(1, 2), memory_format=torch.contiguous_format)
+            dbl2_t = torch.zeros_like(bl2.transpose(1, 2), memory_format=torch.contiguous_format)
         for e, start, count in segments:
             rows = slice(start, start + count)
             torch.mm(dys[rows], w2t[e].t(), out=dv[rows])
@@ -175,8 +167,7 @@ class DispatchedExperts(torch.autograd.Function):
                 t2 = torch.mm(dys[rows], bl2[e])
                 dv[rows].addmm_(t2, a2[e], alpha=scaling)
                 torch.mm(t2.t(), u[rows], out=da2[e])
-                torch.mm(dys[rows].t(), ua[rows], out=dbl2[e])
-        dgates = (dv * u).sum(dim=1) if ctx.needs_input_grad[1] else None
+                torch.mm(ua[rows].t(), dys[rows], out=dbl2_t[e])
         dz = act.backward(dv, z)
         dxs = torch.empty_like(xs)
         for e, start, count in segments:
@@ -186,26 +177,39 @@ class DispatchedExperts(torch.autograd.Function):
                 t1 = torch.mm(dz[rows], bl1[e])
                 dxs[rows].addmm_(t1, a1[e], alpha=scaling)
                 torch.mm(t1.t(), xs[rows], out=da1[e])
-                torch.mm(dz[rows].t(), xa[rows], out=dbl1[e])
+                torch.mm(xa[rows].t(), dz[rows], out=dbl1_t[e])
         if has_lora:
-            for g in grads_lora:
-                g.mul_(scaling)
+            da1.mul_(scaling)
+            da2.mul_(scaling)
+            dbl1 = dbl1_t.transpose(1, 2).mul(scaling).contiguous()
+            dbl2 = dbl2_t.transpose(1, 2).mul(scaling).contiguous()
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _combine(dxs, combine_index, k, token_ids, num_tokens, None)
-        return (dx, dgates, da1, dbl1, da2, dbl2) + (None,) * 13
+            dx = dxs.new_zeros(plan.num_tokens, dxs.shape[1]).index_add_(0, plan.tokens, dxs)
+        dprobs = None
+        if ctx.needs_input_grad[1]:
+            num_experts = w1.shape[0]
+            dgates = (dv * u).sum(dim=1)  # unit gates: dL/dg = <dL/du, u>
+            dprobs = dy.new_zeros(plan.num_tokens * num_experts).index_copy_(0, plan.prob_index, dgates)
+            dprobs = dprobs.view(plan.num_tokens, num_experts)
+            if signal is not None:
+                defaults, inactive = signal
+                dprobs.addcmul_(dy @ defaults.t(), inactive)
+        return (dx, dprobs, da1, dbl1, da2, dbl2) + (None,) * 9
 
 
 class DenseExperts(torch.autograd.Function):
     """``K = M``: all experts on all tokens, i.e. the dense FFN over the permuted neurons.
 
-    Inputs as :class:`DispatchedExperts` but ``gates [N, M]`` and flat frozen weights
-    ``w1 [d, h]``, ``b1 [d]``, ``w2t [d, h]`` (the stacked ones viewed flat, no copy).
-    ``valid [N]`` (float, or ``None`` = all) weights the per-expert sums of ``u``.
+    Inputs: ``x [N, h]``, ``probs [N, M]`` (every pair is active: its gradient is the unit
+    gates' ``<u_e, dL/du_e>``), the LoRA tensors, flat frozen weights ``w1 [d, h]``, ``b1 [d]``,
+    ``w2t [d, h]`` (the stacked ones viewed flat, no copy), the shared bias, ``valid [N]``
+    (float, or ``None`` = all) to weight the per-expert sums of ``u``, then as
+    :class:`DispatchedExperts`.
     """
 
     @staticmethod
-    def forward(ctx, x, gates, a1, bl1, a2, bl2, w1, b1, w2t, bias, valid, num_experts, scaling, act, want_sums):
+    def forward(ctx, x, probs, a1, bl1, a2, bl2, w1, b1, w2t, bias, valid, num_experts, scaling, act, want_sums):
         n = x.shape[0]
         d = w1.shape[0]
         m = num_experts
@@ -249,7 +253,7 @@ class DenseExperts(torch.autograd.Function):
             dv.view(n, m, de).add_(torch.bmm(t2_by_expert, a2).transpose(0, 1), alpha=scaling)
             dbl2 = torch.mm(ua_cat.t(), dy).view(m, r, -1).transpose(1, 2).mul(scaling).contiguous()
             da2 = torch.bmm(t2_by_expert.transpose(1, 2), u.view(n, m, de).transpose(0, 1)).mul_(scaling)
-        dgates = (dv * u).view(n, m, de).sum(-1) if ctx.needs_input_grad[1] else None
+        dprobs = (dv * u).view(n, m, de).sum(-1) if ctx.needs_input_grad[1] else None
         dz = act.backward(dv, z)
         dx = torch.mm(dz, w1) if ctx.needs_input_grad[0] or has_lora else None
         if has_lora:
@@ -262,7 +266,7 @@ class DenseExperts(torch.autograd.Function):
             dbl1 = torch.bmm(dz_by_expert.transpose(1, 2), xa.view(n, m, r).transpose(0, 1)).mul_(scaling)
         if not ctx.needs_input_grad[0]:
             dx = None
-        return (dx, dgates, da1, dbl1, da2, dbl2) + (None,) * 9
+        return (dx, dprobs, da1, dbl1, da2, dbl2) + (None,) * 9
 
 
 def masked_loop_experts(
@@ -315,7 +319,9 @@ class MoEOptions:
     num_tiers: int = 0  # > 0: a learnable output scale per tier (FLAME)
 
 
-_COUNTER_NAMES = ("expert_tokens", "tokens", "inactive_mass", "active_mass", "active_assignments")
+# Counters, one flat float64 vector per layer: [expert_tokens (M), inactive_mass (M), tokens,
+# active_mass, active_assignments]. Two copies: telemetry (until reset) and this step's (PG).
+_SCALARS = ("tokens", "active_mass", "active_assignments")
 
 
 class SparseMoE(nn.Module):
@@ -352,7 +358,7 @@ class SparseMoE(nn.Module):
         self.activation = activation
         self.k = m
         self.tier_index = 0
-        self.dispatch = "sorted"  # "sorted" (kernels) | "masked_loop" (reference, for benchmarks)
+        self.dispatch = "sorted"  # "sorted" (kernels) | "masked_loop" (reference, for tests and benchmarks)
         self.token_mask: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         # Frozen base weights, contiguous per expert: slicing them costs nothing.
@@ -369,10 +375,8 @@ class SparseMoE(nn.Module):
         self.tier_scale = nn.Parameter(torch.ones(options.num_tiers)) if options.num_tiers > 0 else None
         self.register_buffer("pg_default", torch.zeros(m, h))
         self.register_buffer("pg_default_ready", torch.zeros(m, dtype=torch.bool))
-        for prefix in ("tel_", "step_"):
-            for name in _COUNTER_NAMES:
-                shape = (m,) if name in ("expert_tokens", "inactive_mass") else ()
-                self.register_buffer(prefix + name, torch.zeros(shape, dtype=torch.float64), persistent=False)
+        self.register_buffer("tel_counters", torch.zeros(2 * m + 3, dtype=torch.float64), persistent=False)
+        self.register_buffer("step_counters", torch.zeros(2 * m + 3, dtype=torch.float64), persistent=False)
 
     # ----------------------------------------------------------------- configuration
     def set_k(self, k: int) -> None:
@@ -394,66 +398,75 @@ class SparseMoE(nn.Module):
         phi = self.phi if self.options.dmr else None
         return route(logits, self.k, phi=phi, kappa=self.options.kappa, np_ratio=self.options.np_ratio)
 
+    def plan(self, routing: Routing, valid: torch.Tensor | None, num_tokens: int) -> tuple[DispatchPlan, torch.Tensor]:
+        """Sort the (token, expert) assignments of the dispatched tokens by expert."""
+        k, m = routing.experts.shape[1], self.num_experts
+        if valid is None:
+            flat_experts = routing.experts.reshape(-1)
+            flat_tokens = torch.arange(num_tokens, device=flat_experts.device).repeat_interleave(k)
+        else:
+            token_ids = valid.nonzero().squeeze(1)
+            flat_experts = routing.experts.index_select(0, token_ids).reshape(-1)
+            flat_tokens = token_ids.repeat_interleave(k)
+        experts_sorted, order = torch.sort(flat_experts, stable=True)
+        tokens = flat_tokens.index_select(0, order)
+        counts = torch.bincount(experts_sorted, minlength=m)
+        return DispatchPlan(tokens, tokens * m + experts_sorted, counts.tolist(), num_tokens), counts
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, self.hidden_size)
         n_all = x.shape[0]
         valid = self._valid(n_all)
         routing = self.route(x)
-        gates = unit_gates(routing.probs)
+        probs = routing.probs
         training = self.training and torch.is_grad_enabled()
         want_sums = training and self.options.pg_router
-        bias = self.b2 if self.tier_scale is None else None
+        m, k = self.num_experts, self.k
+        inactive = None
+        if k < m:
+            inactive = ~routing.active if valid is None else (~routing.active) & valid[:, None]
+        signal = training and self.options.pg_router and k < m
         lora = self.lora.tensors() if self.lora is not None else (None,) * 4
         scaling = self.lora.scaling if self.lora is not None else 1.0
-        m, k = self.num_experts, self.k
+        bias = self.b2 if self.tier_scale is None else None
 
+        sums = None
         if self.dispatch == "masked_loop":
-            y = masked_loop_experts(x, routing, gates, self.lora, self.w1, self.b1, self.w2t, self.activation, valid)
+            # reference path: the DESIGN.md formulas literally, in autograd
+            y = masked_loop_experts(
+                x, routing, unit_gates(probs), self.lora, self.w1, self.b1, self.w2t, self.activation, valid
+            )
             counts = (routing.active if valid is None else routing.active & valid[:, None]).sum(0)
-            sums = None
+            if signal:
+                y = router_signal(y, probs, inactive, self.pg_default)
             if bias is not None:
                 y = y + bias
         elif k == m:
             valid_f = None if valid is None else valid.to(x.dtype)
             y, sums = DenseExperts.apply(
-                x, gates, *lora, self.w1.view(-1, self.hidden_size), self.b1.view(-1),
+                x, probs, *lora, self.w1.view(-1, self.hidden_size), self.b1.view(-1),
                 self.w2t.view(-1, self.hidden_size), bias, valid_f, m, scaling, self.activation, want_sums,
             )  # fmt: skip
             n_valid = n_all if valid is None else int(valid.sum())
             counts = torch.full((m,), n_valid, dtype=torch.long, device=x.device)
         else:
-            token_ids = None if valid is None else valid.nonzero().squeeze(1)
-            if token_ids is None:
-                flat_experts = routing.experts.reshape(-1)
-                flat_tokens = torch.arange(n_all, device=x.device).repeat_interleave(k)
-            else:
-                flat_experts = routing.experts.index_select(0, token_ids).reshape(-1)
-                flat_tokens = token_ids.repeat_interleave(k)
-            order = torch.argsort(flat_experts, stable=True)
-            combine_index = torch.empty_like(order)
-            combine_index[order] = torch.arange(order.shape[0], device=x.device)
-            tokens_sorted = flat_tokens.index_select(0, order)
-            experts_sorted = flat_experts.index_select(0, order)
-            counts = torch.bincount(flat_experts, minlength=m)
-            gates_sorted = gates.reshape(-1).index_select(0, tokens_sorted * m + experts_sorted)
+            plan, counts = self.plan(routing, valid, n_all)
+            # the running mean is updated in place below, so the kernel keeps this step's copy
+            router_signal_args = (self.pg_default.clone(), inactive.to(x.dtype)) if signal else None
             y, sums = DispatchedExperts.apply(
-                x, gates_sorted, *lora, self.w1, self.b1, self.w2t, bias, tokens_sorted, combine_index, token_ids,
-                counts.tolist(), k, scaling, self.activation, want_sums,
+                x, probs, *lora, plan, self.w1, self.b1, self.w2t, bias, scaling, self.activation, want_sums,
+                router_signal_args,
             )  # fmt: skip
 
         if self.tier_scale is not None:
             y = y * self.tier_scale[self.tier_index] + self.b2
-        if training and self.options.pg_router and k < m:
-            inactive = ~routing.active if valid is None else (~routing.active) & valid[:, None]
-            y = router_signal(y, routing.probs, inactive, self.pg_default)
         if want_sums and sums is not None:
             self._update_defaults(sums, counts)
-        self._record(routing, counts, valid, training)
+        self._record(probs, inactive, counts, valid, training)
         self.aux_loss = None
         if training and self.options.balance_loss:
-            probs = routing.probs if valid is None else routing.probs[valid]
-            self.aux_loss = switch_balance_loss(probs, counts, k)
+            self.aux_loss = switch_balance_loss(probs if valid is None else probs[valid], counts, k)
         return y.view(shape)
 
     # ----------------------------------------------------------------- statistics
@@ -465,32 +478,39 @@ class SparseMoE(nn.Module):
         update_defaults(self.pg_default, self.pg_default_ready, means, counts > 0, self.options.pg_momentum)
 
     @torch.no_grad()
-    def _record(self, routing: Routing, counts: torch.Tensor, valid: torch.Tensor | None, training: bool) -> None:
-        probs = routing.probs.detach()
-        active = routing.active
-        if valid is not None:
-            probs, active = probs[valid], active[valid]
-        n = probs.shape[0]
-        inactive_mass = probs.masked_fill(active, 0.0).sum(0).double()
-        active_mass = probs.masked_fill(~active, 0.0).sum().double()
-        prefixes = ("tel_", "step_") if training else ("tel_",)
-        for prefix in prefixes:
-            getattr(self, prefix + "expert_tokens").add_(counts.double())
-            getattr(self, prefix + "tokens").add_(n)
-            getattr(self, prefix + "inactive_mass").add_(inactive_mass)
-            getattr(self, prefix + "active_mass").add_(active_mass)
-            getattr(self, prefix + "active_assignments").add_(n * self.k)
+    def _record(
+        self,
+        probs: torch.Tensor,
+        inactive: torch.Tensor | None,
+        counts: torch.Tensor,
+        valid: torch.Tensor | None,
+        training: bool,
+    ) -> None:
+        m = self.num_experts
+        n = probs.shape[0] if valid is None else int(valid.sum())
+        if inactive is None:
+            inactive_mass = probs.new_zeros(m)
+        else:
+            inactive_mass = (probs.detach() * inactive).sum(0)
+        # each token's probabilities sum to one: the active mass is the rest
+        active_mass = n - inactive_mass.sum()
+        stats = torch.cat([counts.to(inactive_mass.dtype), inactive_mass, inactive_mass.new_tensor([n]),
+                           active_mass.view(1), inactive_mass.new_tensor([n * self.k])]).double()  # fmt: skip
+        self.tel_counters.add_(stats)
+        if training:
+            self.step_counters.add_(stats)
 
     def counters(self, which: str = "tel") -> dict[str, torch.Tensor]:
-        """Accumulated counters: ``"tel"`` (until :meth:`reset_telemetry`) or ``"step"`` (this step)."""
-        out = {name: getattr(self, f"{which}_{name}").clone() for name in _COUNTER_NAMES}
+        """Accumulated counters: ``"tel"`` (until :meth:`reset_telemetry`) or ``"step"`` (this step's, for PG)."""
+        vector = (self.tel_counters if which == "tel" else self.step_counters).clone()
+        m = self.num_experts
+        out = {"expert_tokens": vector[:m], "inactive_mass": vector[m : 2 * m]}
+        out.update({name: vector[2 * m + i] for i, name in enumerate(_SCALARS)})
         out["max_load_fraction"] = out["expert_tokens"].max() / out["tokens"].clamp_min(1.0)
         return out
 
     def reset_telemetry(self) -> None:
-        for name in _COUNTER_NAMES:
-            getattr(self, "tel_" + name).zero_()
+        self.tel_counters.zero_()
 
     def reset_step(self) -> None:
-        for name in _COUNTER_NAMES:
-            getattr(self, "step_" + name).zero_()
+        self.step_counters.zero_()

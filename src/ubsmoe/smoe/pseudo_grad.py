@@ -67,7 +67,6 @@ def update_defaults(
 
 @torch.no_grad()
 def pseudo_gradient_coefficients(
-    expert_tokens: torch.Tensor,
     tokens: torch.Tensor,
     inactive_mass: torch.Tensor,
     active_mass: torch.Tensor,
@@ -76,7 +75,7 @@ def pseudo_gradient_coefficients(
     eta: float,
 ) -> torch.Tensor:
     """``min(eta * rho_c * P_off_i / P_on, 1)`` per expert; the cap at 1 bounds the norm by ``||g_bar||``."""
-    num_experts = expert_tokens.shape[0]
+    num_experts = inactive_mass.shape[0]
     if float(tokens) <= 0 or float(active_assignments) <= 0 or float(active_mass) <= 0:
         return torch.zeros(num_experts, dtype=torch.float64)
     p_off = inactive_mass / tokens  # mean per token of the mass where expert i was not active
