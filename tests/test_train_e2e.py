@@ -120,6 +120,7 @@ def test_resume_rejects_corrupt_or_incompatible_checkpoints(tmp_path: Path, glue
         ("federation.clients_per_round=50", "federation.clients_per_round"),
         ("data.task=sst3", "data.task"),
         ("federation.dirichlet_alpha=0", "federation.dirichlet_alpha"),
+        ("model.num_experts=7", "model.num_experts"),
     ],
 )
 def test_cli_bad_value_is_one_clear_message(tmp_path: Path, glue_dir: Path, override: str, key: str) -> None:

@@ -16,6 +16,7 @@ reason for sentence encoders such as MiniLM) or the first token (``cls``).
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import lightning
 import torch
@@ -75,6 +76,25 @@ def _check_settings(model: ModelSettings, method: MethodSettings, num_labels: in
         raise ConfigError("method.tier_scale", True, "needs at least one tier (num_tiers >= 1)")
 
 
+def check_model(model: ModelSettings, method: MethodSettings, num_labels: int, num_tiers: int) -> Any:
+    """Every check the model needs, from the settings and the backbone's config alone (no weights).
+
+    The runner calls it before loading any data, so a bad backbone or expert count fails
+    first; returns the backbone's transformers config.
+    """
+    _check_settings(model, method, num_labels, num_tiers)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_backbone_path(model.backbone))
+    except OSError as err:
+        raise ConfigError(
+            "model.backbone", model.backbone, f"'minilm', a local model directory or a reachable hub id ({err})"
+        ) from err
+    check_backbone_config(config, model.num_experts if method.sparse else 1, model.backbone)
+    return config
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     """Silence the load report (the sentence-transformers checkpoint carries an unused pooler)."""
@@ -102,8 +122,8 @@ class FederatedClassifier(lightning.LightningModule):
         init_seed: int,
     ) -> None:
         super().__init__()
-        _check_settings(model, method, num_labels, num_tiers)
-        from transformers import AutoConfig, AutoModel
+        config = check_model(model, method, num_labels, num_tiers)
+        from transformers import AutoModel
 
         self.model_settings = model
         self.method = method
@@ -111,13 +131,6 @@ class FederatedClassifier(lightning.LightningModule):
         self.num_tiers = num_tiers
         self.sparse = bool(method.sparse)
         path = resolve_backbone_path(model.backbone)
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except OSError as err:
-            raise ConfigError(
-                "model.backbone", model.backbone, f"'minilm', a local model directory or a reachable hub id ({err})"
-            ) from err
-        check_backbone_config(config, model.num_experts if self.sparse else 1, model.backbone)
         if model.dropout is not None:
             config.hidden_dropout_prob = float(model.dropout)
             config.attention_probs_dropout_prob = float(model.dropout)

@@ -108,8 +108,9 @@ def run_experiment(cfg: DictConfig) -> float | None:
     if checkpoint is not None:
         check_fingerprint(checkpoint["fingerprint"], fingerprint, resume_path)
 
-    from ubsmoe.model import FederatedClassifier, resolve_backbone_path
+    from ubsmoe.model import FederatedClassifier, check_model, resolve_backbone_path
 
+    check_model(model_cfg, method_cfg, task.num_labels, len(tiers))
     backbone_path = resolve_backbone_path(model_cfg.backbone)
     data = build_federated_data(
         task=cfg.data.task,
