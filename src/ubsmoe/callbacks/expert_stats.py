@@ -55,8 +55,8 @@ class ExpertStatsCallback:
 
         payload: dict[str, Any] = {}
         train = utilization_matrix(summary.utilization)
-        for i, layer in enumerate(summary.utilization):
-            # One sample per expert weighted by its share: a histogram over expert ids.
+        for i in range(train.shape[0]):
+            # One bin per expert, its height the expert's token share: a histogram over expert ids.
             payload[f"experts/train_utilization/layer{i}"] = wandb.Histogram(
                 np_histogram=(train[i], np.arange(train.shape[1] + 1))
             )

@@ -158,7 +158,7 @@ def inject_peft_lora(
     inject_adapter_in_model(config, module)
     found: list[tuple[nn.Parameter, int]] = []
     with torch.no_grad():
-        for name, sub in module.named_modules():
+        for sub in module.modules():
             lora_a = getattr(sub, "lora_A", None)
             if not isinstance(lora_a, nn.ModuleDict) or "default" not in lora_a:
                 continue
