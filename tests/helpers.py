@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 import torch
+import torchmetrics
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from ubsmoe.config import Tier
 from ubsmoe.fl.client import ClientSpec, ClientUpdate
+from ubsmoe.model import FederatedClassifier
+from ubsmoe.settings import MethodSettings, ModelSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(PROJECT_ROOT / "configs")
@@ -58,3 +61,31 @@ def run_train_cli(*overrides: str, glue_dir: Path, timeout: int = 900) -> subpro
         [sys.executable, "src/train.py", *overrides],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def classification_metrics():
+    return torchmetrics.MetricCollection({"accuracy": torchmetrics.classification.MulticlassAccuracy(num_classes=2)})
+
+
+def build(*, sparse=True, num_labels=2, seed=0, model=None, method=None, num_tiers=4):
+    metrics = classification_metrics() if num_labels > 1 else torchmetrics.MetricCollection(
+        {"pearson": torchmetrics.PearsonCorrCoef()}
+    )
+    return FederatedClassifier(
+        model=model or ModelSettings(dropout=0.0),
+        method=method or MethodSettings(sparse=sparse),
+        num_labels=num_labels,
+        metrics=metrics,
+        num_tiers=num_tiers,
+        init_seed=seed,
+    )
+
+
+def make_batch(n=8, length=10, regression=False):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[::2, length - 3 :] = 0
+    ids[mask == 0] = 0
+    labels = torch.rand(n, generator=g) * 5 if regression else torch.arange(n) % 2
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import build, make_batch
+from helpers import build, make_batch
 
 
 @pytest.fixture(scope="module")

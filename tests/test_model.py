@@ -9,29 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-import torchmetrics
 
 from ubsmoe.errors import ConfigError
-from ubsmoe.model import FederatedClassifier
+from helpers import build, make_batch
+
 from ubsmoe.settings import LoraSettings, MethodSettings, ModelSettings
-
-
-def classification_metrics():
-    return torchmetrics.MetricCollection({"accuracy": torchmetrics.classification.MulticlassAccuracy(num_classes=2)})
-
-
-def build(*, sparse=True, num_labels=2, seed=0, model=None, method=None, num_tiers=4):
-    metrics = classification_metrics() if num_labels > 1 else torchmetrics.MetricCollection(
-        {"pearson": torchmetrics.PearsonCorrCoef()}
-    )
-    return FederatedClassifier(
-        model=model or ModelSettings(dropout=0.0),
-        method=method or MethodSettings(sparse=sparse),
-        num_labels=num_labels,
-        metrics=metrics,
-        num_tiers=num_tiers,
-        init_seed=seed,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +24,6 @@ def sparse_model():
 @pytest.fixture(scope="module")
 def dense_model():
     return build(sparse=False)
-
-
-def make_batch(n=8, length=10, regression=False):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (n, length), generator=g)
-    mask = torch.ones(n, length, dtype=torch.long)
-    mask[::2, length - 3 :] = 0
-    ids[mask == 0] = 0
-    labels = torch.rand(n, generator=g) * 5 if regression else torch.arange(n) % 2
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
 
 
 def train_steps(model, batch, steps):

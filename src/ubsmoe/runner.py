@@ -74,7 +74,8 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Any]:
         tags=list(cfg.logger.tags),
         mode=mode,
     )
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    # Under "cfg": a W&B sweep sets (and locks) top-level keys such as `method` itself.
+    logger.log_hyperparams({"cfg": OmegaConf.to_container(cfg, resolve=True)})
     return [logger]
 
 
