@@ -26,7 +26,7 @@ def label_entropy(label_counts: np.ndarray) -> np.ndarray:
     totals = counts.sum(axis=-1, keepdims=True)
     probs = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
     logs = np.log2(probs, out=np.zeros_like(probs), where=probs > 0)
-    return -(probs * logs).sum(axis=-1)
+    return -(probs * logs).sum(axis=-1) + 0.0  # + 0.0 turns -0.0 (one label) into 0.0
 
 
 def partition_report(
