@@ -17,6 +17,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +85,8 @@ class FederatedLoop:
         self.server = ServerState(round=0, global_state=module.trainable_state(), pg_defaults=module.pg_defaults())
         self.elapsed_before = 0.0  # wall time of the rounds run before a resume
         self.eval_lengths = self._eval_lengths()
-        self.dense_flops_per_example = self.dense_flops()
+        self.dense_flops_per_example = self._dense_flops()
+        self._tier_flops_cache = [self._tier_flops(i) for i in range(len(self.tiers))]
         self.last_evaluation: dict[str, TierEvaluation] | None = None
 
     # ----------------------------------------------------------------------------- tiers
@@ -100,22 +102,30 @@ class FederatedLoop:
                 lengths.update(int(n) for n in batch["attention_mask"].sum(1).tolist())
         return lengths
 
-    def dense_flops(self) -> float:
-        """Mean forward FLOPs per evaluation example of the dense backbone with full-rank LoRA (the reference)."""
-        settings = self.module.model_settings
-        dims = self.module.encoder_dims()
-        total = sum(
-            count * flops_per_example(dims, length, lora_rank=settings.lora.rank, sparse=False, ffn_lora=settings.lora.ffn)
-            for length, count in self.eval_lengths.items()
-        )
+    def _mean_flops(self, flops_at_length: Callable[[int], float]) -> float:
+        """Mean of ``flops_at_length(L)`` over the evaluation examples' token counts L."""
+        total = sum(count * flops_at_length(length) for length, count in self.eval_lengths.items())
         return total / max(sum(self.eval_lengths.values()), 1)
 
-    def tier_flops(self, tier_index: int) -> float:
-        """Mean forward FLOPs per evaluation example at the tier's K / rank (analytic)."""
+    def _dense_flops(self) -> float:
+        """Forward FLOPs per evaluation example of the dense backbone with full-rank LoRA (the reference)."""
+        settings = self.module.model_settings
+        dims = self.module.encoder_dims()
+        return self._mean_flops(
+            lambda length: flops_per_example(
+                dims, length, lora_rank=settings.lora.rank, sparse=False, ffn_lora=settings.lora.ffn
+            )
+        )
+
+    def _tier_flops(self, tier_index: int) -> float:
+        """Forward FLOPs per evaluation example at the tier's K / rank (analytic)."""
         spec = self.tier_spec(tier_index)
         self.module.set_client(k=spec.k, rank=spec.rank, tier_index=tier_index)
-        total = sum(count * self.module.flops_per_example(length) for length, count in self.eval_lengths.items())
-        return total / max(sum(self.eval_lengths.values()), 1)
+        return self._mean_flops(self.module.flops_per_example)
+
+    def tier_flops(self, tier_index: int) -> float:
+        """Mean forward FLOPs per evaluation example of a tier (fixed for the run: computed once)."""
+        return self._tier_flops_cache[tier_index]
 
     # ----------------------------------------------------------------------------- rounds
     def run(self) -> dict[str, TierEvaluation] | None:

@@ -37,10 +37,7 @@ from typing import Any
 
 import torch
 
-from ubsmoe.fl.client import ClientUpdate
-from ubsmoe.fl.server import ServerState
-from ubsmoe.fl.strategies.base import example_weights
-from ubsmoe.fl.strategies.lora_pairs import LoraRankStrategy, find_lora_pairs, pair_rank
+from ubsmoe.fl.strategies.lora_pairs import LoraRankStrategy, pair_rank
 
 Tensors = dict[str, torch.Tensor]
 
@@ -91,23 +88,18 @@ class FlexLoRA(LoraRankStrategy):
         self.scaling = float(scaling)
         self.delta: Tensors = {}  # prefix -> dW [out, in], the global model
 
-    def aggregate(self, server: ServerState, updates: list[ClientUpdate]) -> None:
-        if not updates:
-            raise ValueError("FlexLoRA needs at least one client update to aggregate")
-        pairs = find_lora_pairs(server.global_state)
-        ranks = [self.client_rank(u.spec) for u in updates]
-        weights = example_weights(updates)
-        new_state = self.average_other_tensors(server, updates, pairs)
-        for prefix, (a_name, b_name) in pairs.items():
-            global_a, global_b = server.global_state[a_name], server.global_state[b_name]
-            full = pair_rank(global_a, global_b)
-            client = self.client_pairs(updates, prefix, (a_name, b_name), ranks)
-            delta = aggregate_delta(client, weights, self.scaling)
-            self.delta[prefix] = delta.to(global_a.dtype)
-            a, b = svd_factors(self.delta[prefix], full, full, self.scaling)
-            new_state[a_name] = a.to(global_a.dtype)
-            new_state[b_name] = b.to(global_b.dtype)
-        server.global_state = {name: new_state[name] for name in server.global_state}
+    def merge_pair(
+        self,
+        prefix: str,
+        client: list[tuple[torch.Tensor, torch.Tensor]],
+        weights: torch.Tensor,
+        global_a: torch.Tensor,
+        global_b: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep dW = sum_c w_c s B_c A_c as the global model; the pair holds its top-r SVD factors."""
+        full = pair_rank(global_a, global_b)
+        self.delta[prefix] = aggregate_delta(client, weights, self.scaling).to(global_a.dtype)
+        return svd_factors(self.delta[prefix], full, full, self.scaling)
 
     def state_dict(self) -> dict[str, Any]:
         return {"delta": {k: v.clone() for k, v in self.delta.items()}}

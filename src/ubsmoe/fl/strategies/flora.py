@@ -36,9 +36,8 @@ from typing import Any
 
 import torch
 
-from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate, tensor_bytes
+from ubsmoe.fl.client import ClientPayload, ClientSpec, tensor_bytes
 from ubsmoe.fl.server import ServerState
-from ubsmoe.fl.strategies.base import example_weights
 from ubsmoe.fl.strategies.lora_pairs import (
     LoraRankStrategy,
     find_lora_pairs,
@@ -129,26 +128,24 @@ class FLoRA(LoraRankStrategy):
             total += self.stack_ranks.get(prefix, 0) * (a.shape[1] * a.element_size() + b.shape[0] * b.element_size())
         return total
 
-    def aggregate(self, server: ServerState, updates: list[ClientUpdate]) -> None:
-        if not updates:
-            raise ValueError("FLoRA needs at least one client update to aggregate")
-        pairs = find_lora_pairs(server.global_state)
-        ranks = [self.client_rank(u.spec) for u in updates]
-        weights = example_weights(updates)
-        new_state = self.average_other_tensors(server, updates, pairs)
-        for prefix, (a_name, b_name) in pairs.items():  # sorted prefixes: a fixed draw order
-            global_a, global_b = server.global_state[a_name], server.global_state[b_name]
-            client = self.client_pairs(updates, prefix, (a_name, b_name), ranks)
-            a_stacked, b_stacked = stack(
-                [(a.to(torch.float64), b.to(torch.float64)) for a, b in client], weights * self.scaling
-            )
-            delta = b_stacked @ a_stacked
-            previous = self.merged.get(prefix)
-            total = delta if previous is None else previous.to(torch.float64) + delta
-            self.merged[prefix] = total.to(global_a.dtype)
-            self.stack_ranks[prefix] = int(a_stacked.shape[0])
-            new_state[a_name], new_state[b_name] = fresh_lora_pair(global_a, global_b, self.generator)
-        server.global_state = {name: new_state[name] for name in server.global_state}
+    def merge_pair(
+        self,
+        prefix: str,
+        client: list[tuple[torch.Tensor, torch.Tensor]],
+        weights: torch.Tensor,
+        global_a: torch.Tensor,
+        global_b: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the exact stacked product to the merged delta; the global pair restarts fresh."""
+        a_stacked, b_stacked = stack(
+            [(a.to(torch.float64), b.to(torch.float64)) for a, b in client], weights * self.scaling
+        )
+        delta = b_stacked @ a_stacked
+        previous = self.merged.get(prefix)
+        total = delta if previous is None else previous.to(torch.float64) + delta
+        self.merged[prefix] = total.to(global_a.dtype)
+        self.stack_ranks[prefix] = int(a_stacked.shape[0])
+        return fresh_lora_pair(global_a, global_b, self.generator)
 
     def state_dict(self) -> dict[str, Any]:
         return {

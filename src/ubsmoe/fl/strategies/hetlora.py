@@ -41,7 +41,6 @@ from torch import nn
 
 from ubsmoe.fl.client import ClientSpec, ClientUpdate
 from ubsmoe.fl.server import ServerState
-from ubsmoe.fl.strategies.base import example_weights
 from ubsmoe.fl.strategies.lora_pairs import (
     LoraRankStrategy,
     find_lora_pairs,
@@ -175,31 +174,35 @@ class HetLoRA(LoraRankStrategy):
 
         return penalty
 
-    def aggregate(self, server: ServerState, updates: list[ClientUpdate]) -> None:
-        if not updates:
-            raise ValueError("HetLoRA needs at least one client update to aggregate")
-        pairs = find_lora_pairs(server.global_state)
-        ranks = [self.client_rank(u.spec) for u in updates]
-        fallback = example_weights(updates)
-        new_state = self.average_other_tensors(server, updates, pairs)
-        for prefix, (a_name, b_name) in pairs.items():
-            global_a, global_b = server.global_state[a_name], server.global_state[b_name]
-            full = pair_rank(global_a, global_b)
-            client = self.client_pairs(updates, prefix, (a_name, b_name), ranks)
-            weights = sparsity_weights(client, fallback)
-            a_sum = torch.zeros(global_a.shape, dtype=torch.float64)
-            b_sum = torch.zeros(global_b.shape, dtype=torch.float64)
-            for (a, b), w in zip(client, weights, strict=True):
-                r = pair_rank(a, b)
-                if r > full:
-                    raise ValueError(f"client rank {r} exceeds the global rank {full} of layer {prefix!r}")
-                a_sum[:r] += w * a.to(torch.float64)  # zero-padding: rows beyond r_c get nothing
-                b_sum[:, :r] += w * b.to(torch.float64)
-            new_state[a_name] = a_sum.to(global_a.dtype)
-            new_state[b_name] = b_sum.to(global_b.dtype)
+    def merge_pair(
+        self,
+        prefix: str,
+        client: list[tuple[torch.Tensor, torch.Tensor]],
+        weights: torch.Tensor,
+        global_a: torch.Tensor,
+        global_b: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-pad every client's pair to the global rank and take the sparsity-weighted sum."""
+        full = pair_rank(global_a, global_b)
+        a_sum = torch.zeros(global_a.shape, dtype=torch.float64)
+        b_sum = torch.zeros(global_b.shape, dtype=torch.float64)
+        for (a, b), w in zip(client, sparsity_weights(client, weights), strict=True):
+            r = pair_rank(a, b)
+            if r > full:
+                raise ValueError(f"client rank {r} exceeds the global rank {full} of layer {prefix!r}")
+            a_sum[:r] += w * a.to(torch.float64)  # zero-padding: rows beyond r_c get nothing
+            b_sum[:, :r] += w * b.to(torch.float64)
+        return a_sum, b_sum
+
+    def after_merge(
+        self,
+        server: ServerState,
+        updates: list[ClientUpdate],
+        pairs: Mapping[str, tuple[str, str]],
+        ranks: list[int | None],
+    ) -> None:
         if self.gamma is not None:
             self._self_prune(server, updates, pairs, ranks)
-        server.global_state = {name: new_state[name] for name in server.global_state}
 
     def _self_prune(
         self,

@@ -18,6 +18,7 @@ FedAvg of the tensors outside the pairs, and communication counted at rank r_c.
 from __future__ import annotations
 
 import re
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -158,6 +159,42 @@ class LoraRankStrategy(Strategy):
     def client_rank(self, spec: ClientSpec) -> int | None:
         """The rank this client trains this round (``None``: full rank)."""
         return spec.rank
+
+    def aggregate(self, server: ServerState, updates: list[ClientUpdate]) -> None:
+        """FedAvg the tensors outside the pairs; merge each layer's pairs with :meth:`merge_pair`."""
+        if not updates:
+            raise ValueError(f"{self.name} needs at least one client update to aggregate")
+        pairs = find_lora_pairs(server.global_state)
+        ranks = [self.client_rank(u.spec) for u in updates]
+        weights = example_weights(updates)
+        new_state = self.average_other_tensors(server, updates, pairs)
+        for prefix, (a_name, b_name) in pairs.items():  # sorted prefixes: a fixed order (FLoRA draws inits)
+            global_a, global_b = server.global_state[a_name], server.global_state[b_name]
+            client = self.client_pairs(updates, prefix, (a_name, b_name), ranks)
+            a, b = self.merge_pair(prefix, client, weights, global_a, global_b)
+            new_state[a_name], new_state[b_name] = a.to(global_a.dtype), b.to(global_b.dtype)
+        self.after_merge(server, updates, pairs, ranks)
+        server.global_state = {name: new_state[name] for name in server.global_state}
+
+    @abstractmethod
+    def merge_pair(
+        self,
+        prefix: str,
+        client: list[tuple[torch.Tensor, torch.Tensor]],
+        weights: torch.Tensor,
+        global_a: torch.Tensor,
+        global_b: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new global (A, B) of one layer from the clients' rank-cut pairs and weights n_c / sum n."""
+
+    def after_merge(
+        self,
+        server: ServerState,
+        updates: list[ClientUpdate],
+        pairs: Mapping[str, tuple[str, str]],
+        ranks: list[int | None],
+    ) -> None:
+        """Hook run after the merge, while ``server`` still holds the state the clients received."""
 
     def configure_client(self, server: ServerState, spec: ClientSpec) -> ClientPayload:
         pairs = find_lora_pairs(server.global_state)
