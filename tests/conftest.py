@@ -15,12 +15,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-_DEFAULT_GLUE = PROJECT_ROOT.parent / "shared" / "data" / "glue"
+_DEFAULT_GLUE = PROJECT_ROOT / "data" / "glue"  # the copy the repository carries
 
 
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
-    """The local GLUE copy: $GLUE_DIR, or ../shared/data/glue beside the project."""
+    """The local GLUE copy: $GLUE_DIR, or the repository's data/glue."""
     path = Path(os.environ.get("GLUE_DIR") or _DEFAULT_GLUE)
     if not (path / "sst2" / "train.parquet").exists():
         pytest.fail(f"local GLUE data not found at {path}: set GLUE_DIR (see README)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,7 +20,7 @@ from ubsmoe.data.datamodule import build_federated_data
 from ubsmoe.data.report import label_entropy, partition_report
 from ubsmoe.errors import ConfigError
 
-GLUE_DIR = "/work/shared/data/glue"
+GLUE_DIR = str(Path(__file__).resolve().parents[1] / "data" / "glue")
 
 
 @pytest.fixture(scope="module")

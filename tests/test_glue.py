@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import math
 import os
 
@@ -16,7 +17,7 @@ import torch
 from ubsmoe.data import glue
 from ubsmoe.errors import ConfigError
 
-GLUE_DIR = "/work/shared/data/glue"
+GLUE_DIR = str(Path(__file__).resolve().parents[1] / "data" / "glue")
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,9 @@ def test_resolve_local_dir_prefers_explicit_value_then_env(monkeypatch):
     assert glue.resolve_local_dir(None) == "/from/env"
     assert glue.resolve_local_dir("") == "/from/env"
     monkeypatch.delenv("GLUE_DIR")
-    assert glue.resolve_local_dir(None) is None
-    assert glue.resolve_local_dir("") is None
+    # then the repository's carried copy for the tasks it holds, the hub (None) for the others
+    assert glue.resolve_local_dir(None, "sst2") == GLUE_DIR
+    assert glue.resolve_local_dir(None, "qnli") is None
 
 
 # --------------------------------------------------------------------------- loading

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +16,7 @@ from ubsmoe.data.partition import (
 )
 from ubsmoe.errors import ConfigError
 
-GLUE_DIR = "/work/shared/data/glue"
+GLUE_DIR = str(Path(__file__).resolve().parents[1] / "data" / "glue")
 
 
 @pytest.fixture(scope="module")

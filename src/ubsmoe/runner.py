@@ -115,7 +115,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     backbone_path = resolve_backbone_path(model_cfg.backbone)
     data = build_federated_data(
         task=cfg.data.task,
-        local_dir=resolve_local_dir(cfg.data.local_dir),
+        local_dir=cfg.data.local_dir,
         tokenizer_path=backbone_path,
         max_length=cfg.data.max_length,
         num_clients=cfg.federation.num_clients,

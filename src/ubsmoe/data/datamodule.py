@@ -188,7 +188,7 @@ def build_federated_data(
         num_examples=max(num_clients, 0) * max(min_client_size, 0),
     )
 
-    source_dir = glue.resolve_local_dir(local_dir)
+    source_dir = glue.resolve_local_dir(local_dir, spec.name)
     splits = ["train", *spec.eval_splits]
     if source_dir:
         rows = glue.check_local_files(spec, source_dir, splits)

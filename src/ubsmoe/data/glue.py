@@ -133,12 +133,27 @@ def predictions_from_logits(task: GlueTask, logits: torch.Tensor) -> torch.Tenso
 # --------------------------------------------------------------------------- loading
 
 
-def resolve_local_dir(value: str | None) -> str | None:
-    """The local GLUE directory to read: ``value`` if given, else ``$GLUE_DIR``, else None (hub)."""
+def carried_data_dir(name: str) -> Path | None:
+    """The copy of a data set the repository carries (``<repo>/data/<name>``), if this is a checkout."""
+    path = Path(__file__).resolve().parents[3] / "data" / name
+    return path if (path / "SHA256SUMS.json").is_file() else None
+
+
+def resolve_local_dir(value: str | None, task: str | None = None) -> str | None:
+    """The local GLUE directory to read.
+
+    ``value`` if given, else ``$GLUE_DIR``, else the repository's carried copy
+    (``data/glue``) when it holds ``task`` (or when no task is named), else None: the hub.
+    """
     if value:
         return str(value)
     env = os.environ.get(GLUE_DIR_ENV, "")
-    return env or None
+    if env:
+        return env
+    carried = carried_data_dir("glue")
+    if carried is not None and (task is None or (carried / task).is_dir()):
+        return str(carried)
+    return None
 
 
 def local_split_path(local_dir: str | Path, task: GlueTask, split: str) -> Path:
