@@ -23,7 +23,8 @@ from nbclient import NotebookClient
 from omegaconf import OmegaConf
 
 from ubsmoe import plots
-from ubsmoe.config import METHODS, validate
+from ubsmoe.config import validate
+from ubsmoe.fl.strategies import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ubsmoe.config import METHODS
+from ubsmoe.fl.strategies import METHODS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

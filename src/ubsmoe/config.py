@@ -27,7 +27,6 @@ from ubsmoe.settings import (
     SelfPruningSettings,
 )
 
-METHODS = ("ubsmoe", "smoe", "smoe_llb", "flame", "fedit", "hetlora", "flexlora", "flora")
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 POOLINGS = ("mean", "cls")
@@ -134,6 +133,8 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_bool(cfg, "debug")
     _require_bool(cfg, "dry_run")
 
+    from ubsmoe.fl.strategies import METHODS  # the strategy registry is the one list of methods
+
     _require_choice(cfg, "method.name", METHODS)
     _require_bool(cfg, "method.sparse")
     _require_bool(cfg, "method.hetero_rank")
@@ -206,6 +207,9 @@ def validate(cfg: DictConfig) -> list[Tier]:
     if _get(cfg, "logger.name") == "wandb":
         _require_choice(cfg, "logger.mode", WANDB_MODES)
     _require_choice(cfg, "fabric.accelerator", ACCELERATORS)
+    from ubsmoe.fl.backends import BACKENDS
+
+    _require_choice(cfg, "backend.name", tuple(BACKENDS))
     for key in ("dmr", "expert_stats", "metrics_writer", "checkpoint"):
         _require_bool(cfg, f"callbacks.{key}")
 

@@ -20,11 +20,12 @@ from ubsmoe.config import method_settings, model_settings, validate
 from ubsmoe.data.datamodule import build_federated_data
 from ubsmoe.data.glue import build_metrics, get_task, resolve_local_dir
 from ubsmoe.data.report import partition_report
+from ubsmoe.fl.backends import build_backend
 from ubsmoe.fl.checkpoint import check_fingerprint, load_checkpoint, resolve_resume
 from ubsmoe.fl.client import make_client_specs, make_tier_specs
 from ubsmoe.fl.loop import FederatedLoop
 from ubsmoe.fl.server import ClientSampler
-from ubsmoe.fl.strategies import build_strategy
+from ubsmoe.fl.strategies import StrategyContext, build_strategy
 from ubsmoe.seeding import derive_seed
 
 # Keys that may change when a run is resumed: how long it runs and where it writes.
@@ -173,9 +174,11 @@ def run_experiment(cfg: DictConfig) -> float | None:
         tier_specs=tier_specs,
         strategy=build_strategy(
             method_cfg,
-            expert_tensor_names=module.expert_tensor_names(),
-            lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
-            seed=derive_seed(cfg.seed, "strategy"),
+            StrategyContext(
+                expert_tensor_names=module.expert_tensor_names(),
+                lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
+                seed=derive_seed(cfg.seed, "strategy"),
+            ),
         ),
         sampler=ClientSampler(
             cfg.federation.num_clients, cfg.federation.clients_per_round, derive_seed(cfg.seed, "sampling")
@@ -189,6 +192,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
         output_dir=output_dir,
         checkpoint=cfg.callbacks.checkpoint,
         fingerprint=fingerprint,
+        backend=build_backend(**OmegaConf.to_container(cfg.backend, resolve=True)),
     )
     if checkpoint is not None:
         loop.load_state_dict(checkpoint)

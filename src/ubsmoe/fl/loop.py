@@ -3,7 +3,8 @@
 One round, as DESIGN.md section 2 lays it out:
 
 1. the sampler picks ``clients_per_round`` clients; the strategy shapes each one's payload;
-2. each client trains on the one shared module (:func:`~ubsmoe.fl.client.train_client`);
+2. the backend trains the sampled clients (``backend=local``: one after another on the one
+   shared module, :func:`~ubsmoe.fl.client.train_client`) and returns results by client id;
 3. the strategy aggregates the updates into the server state;
 4. ``fabric.call("on_aggregate_end")``: the DMR callback updates phi;
 5. every ``eval_every`` rounds (and the last) the global model is evaluated once per tier;
@@ -27,7 +28,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ubsmoe.config import Tier
 from ubsmoe.fl.checkpoint import CHECKPOINT_FILE, save_checkpoint
-from ubsmoe.fl.client import ClientSpec, ClientUpdate, load_payload, train_client
+from ubsmoe.fl.backends import ClientBackend, ClientJob, LocalBackend
+from ubsmoe.fl.client import ClientSpec, ClientUpdate, load_payload
 from ubsmoe.fl.server import ClientSampler, ServerState, aggregate_utilization, owning_layer
 from ubsmoe.fl.strategies.base import Strategy
 from ubsmoe.fl.summary import RoundSummary, TierEvaluation
@@ -62,6 +64,7 @@ class FederatedLoop:
         output_dir: Path,
         checkpoint: bool,
         fingerprint: dict[str, Any],
+        backend: ClientBackend | None = None,
         progress: bool = True,
     ) -> None:
         self.fabric = fabric
@@ -82,6 +85,7 @@ class FederatedLoop:
         self.checkpoint = checkpoint
         self.fingerprint = fingerprint
         self.progress = progress
+        self.backend = backend or LocalBackend()
         self.server = ServerState(round=0, global_state=module.trainable_state(), pg_defaults=module.pg_defaults())
         self.elapsed_before = 0.0  # wall time of the rounds run before a resume
         self.eval_lengths = self._eval_lengths()
@@ -131,6 +135,7 @@ class FederatedLoop:
     def run(self) -> dict[str, TierEvaluation] | None:
         """Run the remaining rounds; return the last per-tier evaluation."""
         self.fabric.call("on_fit_start", loop=self)
+        self.backend.start(self)
         start = time.perf_counter()
         with Progress(
             TextColumn("[bold]{task.description}"),
@@ -144,6 +149,7 @@ class FederatedLoop:
             while self.server.round < self.rounds:
                 summary = self.run_round(bar, clients_task, start)
                 bar.update(rounds_task, completed=summary.round)
+        self.backend.close()
         self.fabric.call("on_fit_end", loop=self)
         return self.last_evaluation
 
@@ -152,29 +158,25 @@ class FederatedLoop:
         round_idx = self.server.round  # 0-based index of the round being run
         client_ids = self.sampler.sample()
         bar.reset(clients_task, total=len(client_ids))
-        updates: list[ClientUpdate] = []
-        busy = 0.0
+        jobs = []
         for cid in client_ids:
             spec = self.strategy.client_spec(self.specs[cid])
-            payload = self.strategy.configure_client(self.server, spec)
-            t0 = time.perf_counter()
-            update = train_client(
-                self.fabric,
-                self.module,
-                spec,
-                payload,
-                self.data.clients[cid],
-                round_idx=round_idx,
-                local_steps=self.local_steps,
-                local_epochs=self.local_epochs,
-                seed=self.seed,
-                regularizer=self.strategy.client_regularizer(spec),
-            )
-            busy += time.perf_counter() - t0
-            update.bytes_received = self.strategy.payload_bytes(payload, spec)
+            jobs.append(ClientJob(spec, self.strategy.configure_client(self.server, spec), round_idx))
+        t0 = time.perf_counter()
+        results = self.backend.train_clients(jobs, on_done=lambda _result: bar.advance(clients_task))
+        busy = time.perf_counter() - t0
+        failed = [r for r in results if not r.ok]
+        if failed:
+            first = failed[0]
+            raise RuntimeError(f"round {round_idx + 1}: client {first.client_id} failed: {first.error}")
+        payloads = {job.client_id: job.payload for job in jobs}
+        updates: list[ClientUpdate] = []
+        for result in results:
+            update = result.update
+            assert update is not None
+            update.bytes_received = self.strategy.payload_bytes(payloads[result.client_id], update.spec)
             update.bytes_sent = self.strategy.update_bytes(update)
             updates.append(update)
-            bar.advance(clients_task)
         self.strategy.aggregate(self.server, updates)
         self.server.utilization = aggregate_utilization(updates)
         self.fabric.call("on_aggregate_end", loop=self, round_idx=round_idx, updates=updates)
