@@ -128,7 +128,13 @@ def parse_tiers(raw: Any) -> list[Tier]:
 
 
 def validate(cfg: DictConfig) -> list[Tier]:
-    """Check every user-facing value of a composed config; return the parsed tiers."""
+    """Check every user-facing value of a composed config; return the parsed tiers.
+
+    Unknown keys come first: a misspelled key would otherwise be ignored (or crash later).
+    """
+    from ubsmoe.schema import check_known_keys
+
+    check_known_keys(cfg)
     _require_int(cfg, "seed", 0)
     _require_bool(cfg, "debug")
     _require_bool(cfg, "dry_run")
