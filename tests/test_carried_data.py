@@ -30,3 +30,19 @@ def test_carried_files_match_their_checksums(name: str) -> None:
         str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix in (".parquet", ".json")
     } - {"SHA256SUMS.json"}
     assert data_files == set(sums), f"files without a checksum (or missing): {data_files ^ set(sums)}"
+
+
+def test_a_task_not_carried_fails_at_once_when_the_hub_is_off(monkeypatch) -> None:
+    import time
+
+    from ubsmoe.data import glue
+    from ubsmoe.errors import ConfigError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    assert glue.resolve_local_dir(None, "qnli") is None  # not carried: the hub
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"qnli/<split>\.parquet.*switched off") as err:
+        glue.load_glue(glue.get_task("qnli"), None, ["train"])
+    assert err.value.key == "data.local_dir"
+    assert time.perf_counter() - start < 2.0  # no retries against an unreachable hub

@@ -281,13 +281,36 @@ def test_cli_writes_per_run_and_comparison_pngs(tmp_path: Path, capsys: pytest.C
     assert set(_lines(plots.balance_figure(df).axes[0])) == {"ubsmoe"}
 
 
-def test_cli_without_metrics_exits_2_naming_the_path(tmp_path: Path, two_runs: list[Path],
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    missing = tmp_path / "not-a-run"
-    missing.mkdir()
-    assert plots.main([str(two_runs[0]), str(missing), "--out", str(tmp_path / "o")]) == 2
-    assert str(missing / "metrics.jsonl") in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()  # checked before anything is written
+def test_cli_skips_run_dirs_without_metrics_with_a_warning(tmp_path: Path, two_runs: list[Path],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    failed = tmp_path / "failed-run"  # a failed or dry run: a run directory without metrics.jsonl
+    failed.mkdir()
+    assert plots.main([str(two_runs[0]), str(failed), "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert f"skipping {failed}" in captured.err
+    assert list((tmp_path / "o").glob("*.png"))  # the good run was plotted
+    # nothing usable at all: exit 2, nothing written
+    assert plots.main([str(failed), "--out", str(tmp_path / "o2")]) == 2
+    assert not (tmp_path / "o2").exists()
+
+
+def test_round_axes_have_integer_ticks_and_the_seed_band_is_labelled(tmp_path: Path) -> None:
+    runs = [write_fake_run(tmp_path / f"seed{s}", "ubsmoe", seed=s, rounds=3) for s in (1, 2)]
+    fig = plots.convergence_figure(plots.load_runs(runs))
+    ax = fig.axes[0]
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    labels = ax.get_legend_handles_labels()[1]
+    assert any("min-max over 2 runs" in lab for lab in labels)
+
+
+def test_multirun_job_dirs_are_named_by_their_overrides(tmp_path: Path) -> None:
+    jobs = [
+        write_fake_run(tmp_path / "multirun" / str(num), "ubsmoe", rounds=1,
+                       overrides=[f"method.dmr.enabled={enabled}", "seed=1"])
+        for num, enabled in ((0, "true"), (1, "false"))
+    ]  # fmt: skip
+    assert plots.run_label(jobs[0], jobs) == "0_dmr.enabled=true"
+    assert plots.run_label(jobs[1], jobs) == "1_dmr.enabled=false"
 
 
 # ------------------------------------------------------------------------------------ run dirs for notebooks

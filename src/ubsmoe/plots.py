@@ -151,7 +151,15 @@ def run_label(run_dir: str | Path, others: Sequence[str | Path] = ()) -> str:
         return run_dir.name
     parent = Path(os.path.commonpath(paths))
     rel = run_dir.relative_to(parent)
-    return "_".join(rel.parts) or run_dir.name
+    label = "_".join(rel.parts) or run_dir.name
+    if run_dir.name.isdigit():  # a multirun job directory: name it by its overrides, not "0", "1"
+        overrides = run_overrides(run_dir)
+        others_overrides = [run_overrides(o) for o in others]
+        differing = [k for k in overrides if _is_variant_key(k) or k == "method"]
+        differing = [k for k in differing if len({o.get(k) for o in [overrides, *others_overrides]}) > 1]
+        if differing:
+            label += "_" + "_".join(f"{_short_key(k)}={overrides[k]}" for k in differing)
+    return re.sub(r"[^A-Za-z0-9_.=,-]+", "-", label)
 
 
 # ------------------------------------------------------------------------------------ run dirs for notebooks
@@ -247,6 +255,11 @@ def _new_figure(n_panels: int, xlabel: str, *, panel: tuple[float, float] = (3.6
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=sharey).ravel().tolist()
     for ax in axes[n_panels:]:
         ax.set_visible(False)
+    if xlabel == "round":
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in axes[:n_panels]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     for i, ax in enumerate(axes[:n_panels]):
         if i + cols >= n_panels:
             ax.set_xlabel(xlabel)
@@ -276,9 +289,12 @@ def _per_tier_lines(df: pd.DataFrame, value: str, ylabel: str, title: str) -> Fi
             curve = rows[rows["variant"] == variant].groupby("round")[value].agg(["mean", "min", "max", "count"])
             if curve.empty:
                 continue
-            ax.plot(curve.index, curve["mean"], marker="o", markersize=3, color=color, label=variant)
+            seeds = rows.loc[rows["variant"] == variant, "run"].nunique() if "run" in rows else 1
+            label = variant if seeds <= 1 else f"{variant} (mean of {seeds} runs)"
+            ax.plot(curve.index, curve["mean"], marker="o", markersize=3, color=color, label=label)
             if (curve["count"] > 1).any():
-                ax.fill_between(curve.index, curve["min"], curve["max"], color=color, alpha=0.2, linewidth=0)
+                ax.fill_between(curve.index, curve["min"], curve["max"], color=color, alpha=0.2, linewidth=0,
+                                label=f"{variant}: min-max over {seeds} runs (seeds)")
         beta = df.loc[df["tier"] == tier, "beta"].iloc[0] if "beta" in df else None
         ax.set_title(f"{tier} (beta={beta:g})" if beta is not None else str(tier))
         ax.grid(alpha=0.3)
@@ -542,12 +558,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     args = _parser().parse_args(argv)
+    # A glob over logs/runs also matches failed and dry runs, which never wrote metrics: skip them.
+    usable = []
     for d in args.run_dirs:
-        if not (d / METRICS_FILE).is_file():
-            print(f"error: {d / METRICS_FILE} not found: {d} is not a run directory", file=sys.stderr)
-            return 2
+        path = d / METRICS_FILE
+        if not path.is_file() or not path.read_text().strip():
+            print(f"warning: skipping {d}: no {METRICS_FILE} with rounds (a failed or dry run?)", file=sys.stderr)
+            continue
+        usable.append(d)
+    if not usable:
+        print(f"error: none of the {len(args.run_dirs)} directories holds a {METRICS_FILE} with rounds", file=sys.stderr)
+        return 2
     try:
-        written = write_plots(args.run_dirs, args.out)
+        written = write_plots(usable, args.out)
     except RunDirError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

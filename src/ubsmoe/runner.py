@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 
+from ubsmoe.console import RunConsole
 from ubsmoe.config import method_settings, model_settings, validate
 from ubsmoe.data.datamodule import build_federated_data
 from ubsmoe.data.glue import build_metrics, get_task, resolve_local_dir
@@ -80,7 +80,25 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Any]:
     return [logger]
 
 
-def build_callbacks(cfg: DictConfig, module: Any, output_dir: Path) -> list[Any]:
+def record_overrides(output_dir: Path) -> None:
+    """Append this invocation's command-line overrides to ``overrides_history.jsonl``.
+
+    Hydra rewrites ``.hydra/overrides.yaml`` on every start, so a resumed run would lose
+    what the first run was started with; the history keeps every start, in order.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    import json
+    import time
+
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "overrides": list(HydraConfig.get().overrides.task)}
+    with (output_dir / "overrides_history.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def build_callbacks(cfg: DictConfig, module: Any, output_dir: Path, console: RunConsole) -> list[Any]:
     from ubsmoe.callbacks.console import ConsoleTable
     from ubsmoe.callbacks.dmr import DMRCallback
     from ubsmoe.callbacks.expert_stats import ExpertStatsCallback
@@ -93,13 +111,13 @@ def build_callbacks(cfg: DictConfig, module: Any, output_dir: Path) -> list[Any]
         callbacks.append(MetricsWriter(output_dir, method=cfg.method.name, task=cfg.data.task, seed=cfg.seed))
     if cfg.callbacks.expert_stats:
         callbacks.append(ExpertStatsCallback())
-    callbacks.append(ConsoleTable())
+    callbacks.append(ConsoleTable(console))
     return callbacks
 
 
 def run_experiment(cfg: DictConfig) -> float | None:
     """Validate, build and run; return the mean over tiers of the task's main metric (last evaluation)."""
-    console = Console()
+    console = RunConsole()
     tiers = validate(cfg)
     task = get_task(cfg.data.task)
     model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
@@ -132,6 +150,8 @@ def run_experiment(cfg: DictConfig) -> float | None:
         cache_dir=str(cfg.paths.cache_dir),
     )
     output_dir.mkdir(parents=True, exist_ok=True)
+    console.log_to(output_dir / "train.log")
+    record_overrides(output_dir)
     console.rule(f"[bold]{cfg.run_name}[/bold] -> {output_dir}")
     console.print(OmegaConf.to_yaml(cfg, resolve=True))
     partition_report(data.label_counts, data.label_names, output_dir, console=console)
@@ -150,7 +170,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
         num_tiers=len(tiers),
         init_seed=derive_seed(cfg.seed, "init"),
     )
-    callbacks = build_callbacks(cfg, module, output_dir)
+    callbacks = build_callbacks(cfg, module, output_dir, console)
     fabric = L.Fabric(
         accelerator=cfg.fabric.accelerator,
         devices=cfg.fabric.devices,
@@ -200,6 +220,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     evaluation = loop.run()
     for logger in fabric.loggers:
         logger.finalize("success")
+    console.rule(f"[bold]{cfg.run_name}[/bold] done: {output_dir}")
     if not evaluation:
         return None
     return sum(e.main_metric for e in evaluation.values()) / len(evaluation)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from ubsmoe.fl.summary import RoundSummary, expert_entropy
@@ -13,8 +12,10 @@ from ubsmoe.fl.summary import RoundSummary, expert_entropy
 class ConsoleTable:
     """Prints tier, beta, K / rank, the task metrics, train loss, GFLOPs and routing balance."""
 
-    def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console()
+    def __init__(self, console: Any = None) -> None:
+        from ubsmoe.console import RunConsole
+
+        self.console = console or RunConsole()
 
     def on_round_end(self, loop: Any, summary: RoundSummary) -> None:
         if not summary.evaluation:

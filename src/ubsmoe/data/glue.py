@@ -32,6 +32,7 @@ from ubsmoe.errors import ConfigError
 
 HUB_DATASET = "nyu-mll/glue"
 GLUE_DIR_ENV = "GLUE_DIR"
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 LABEL_COLUMN = "label"
 # Bump when the tokenized layout changes, so stale caches are not read back.
 _TOKENIZED_FORMAT_VERSION = 1
@@ -133,6 +134,29 @@ def predictions_from_logits(task: GlueTask, logits: torch.Tensor) -> torch.Tenso
 # --------------------------------------------------------------------------- loading
 
 
+CARRIED_TASKS = ("cola", "sst2", "mrpc", "rte", "stsb")  # the GLUE tasks in the repository's data/glue
+
+
+def hub_offline() -> bool:
+    """True when the user (or the test suite) switched the Hugging Face hub off."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_ENV)
+
+
+def require_hub(what: str, *, key: str, how: str) -> None:
+    """Fail at once, with the way out, when ``what`` must come from the hub and the hub is off or unreachable.
+
+    Without this check datasets retries for about half a minute before its own error.
+    """
+    if hub_offline():
+        raise ConfigError(key, None, f"{how}; {what} would load from the hub, which is switched off ({'/'.join(OFFLINE_ENV)})")
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError as err:
+        raise ConfigError(key, None, f"{how}; {what} would load from the hub, which is unreachable ({err})") from err
+
+
 def carried_data_dir(name: str) -> Path | None:
     """The copy of a data set the repository carries (``<repo>/data/<name>``), if this is a checkout."""
     path = Path(__file__).resolve().parents[3] / "data" / name
@@ -212,6 +236,9 @@ def load_glue(task: GlueTask, local_dir: str | None, splits: Sequence[str]) -> d
         loaded = datasets.load_dataset("parquet", data_files=files)
         source_of = files
     else:
+        require_hub(f"{HUB_DATASET}/{task.name}", key="data.local_dir",
+                    how=f"a directory with {task.name}/<split>.parquet (data.local_dir=DIR or GLUE_DIR); "
+                        f"the repository carries {', '.join(CARRIED_TASKS)} in data/glue")  # fmt: skip
         try:
             everything = datasets.load_dataset(HUB_DATASET, task.name)
         except ConnectionError as err:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -33,7 +35,7 @@ def partition_report(
     label_counts: np.ndarray,
     label_names: Sequence[str],
     out_dir: str | Path | None,
-    console: Console | None = None,
+    console: Any = None,
 ) -> Path | None:
     """Print the per-client table and write ``partition.png`` into ``out_dir`` (if given).
 
