@@ -7,6 +7,10 @@ and received, wall time). ``experts.jsonl``: one record per round with the aggre
 training utilization and phi per layer, and each tier's evaluation utilization.
 The same scalars go to the Fabric loggers (W&B, CSV).
 
+Every record carries ``format_version`` (:data:`FORMAT_VERSION`); docs/outputs.md documents
+each field with its unit. A change that renames or re-scales a field bumps the version;
+adding a field does not.
+
 The records are also kept in memory and checkpointed, so a resumed run rewrites the files
 up to the checkpoint's round and continues: the files of a resumed run equal those of an
 uninterrupted one.
@@ -19,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ubsmoe.fl.summary import RoundSummary, expert_cv, expert_entropy
+
+
+FORMAT_VERSION = 1
 
 
 def _floats(t: Any) -> list[float]:
@@ -80,6 +87,7 @@ class MetricsWriter:
             flops = ev.flops_per_example if ev else loop.tier_flops(tier_index)
             records.append(
                 {
+                    "format_version": FORMAT_VERSION,
                     "round": summary.round,
                     "tier": tier.name,
                     "beta": tier.beta,
@@ -106,6 +114,7 @@ class MetricsWriter:
     @staticmethod
     def expert_record(summary: RoundSummary) -> dict[str, Any]:
         return {
+            "format_version": FORMAT_VERSION,
             "round": summary.round,
             "train_utilization": {layer: _floats(u) for layer, u in summary.utilization.items()},
             "phi": {layer: _floats(p) for layer, p in summary.phi.items()},
