@@ -158,9 +158,13 @@ def require_hub(what: str, *, key: str, how: str) -> None:
 
 
 def carried_data_dir(name: str) -> Path | None:
-    """The copy of a data set the repository carries (``<repo>/data/<name>``), if this is a checkout."""
-    path = Path(__file__).resolve().parents[3] / "data" / name
-    return path if (path / "SHA256SUMS.json").is_file() else None
+    """The copy of a data set the repository carries: ``<repo>/data/<name>`` in a checkout,
+    the copy bundled into an installed wheel (``ubsmoe/bundled_data/<name>``) otherwise."""
+    package = Path(__file__).resolve().parents[1]
+    for path in (package.parents[1] / "data" / name, package / "bundled_data" / name):
+        if (path / "SHA256SUMS.json").is_file():
+            return path
+    return None
 
 
 def resolve_local_dir(value: str | None, task: str | None = None) -> str | None:

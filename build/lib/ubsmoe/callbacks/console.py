@@ -1,0 +1,41 @@
+"""A per-tier table of the evaluated metrics on the console after each evaluated round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from ubsmoe.fl.summary import RoundSummary, expert_entropy
+
+
+class ConsoleTable:
+    """Prints tier, beta, K / rank, the task metrics, train loss, GFLOPs and routing balance."""
+
+    def __init__(self, console: Any = None) -> None:
+        from ubsmoe.console import RunConsole
+
+        self.console = console or RunConsole()
+
+    def on_round_end(self, loop: Any, summary: RoundSummary) -> None:
+        if not summary.evaluation:
+            return
+        table = Table(title=f"round {summary.round}: global model per tier", show_lines=False)
+        metric_names = list(next(iter(summary.evaluation.values())).metrics)
+        for col in ("tier", "beta", "K", "rank", *metric_names, "train loss", "GFLOPs/ex", "balance"):
+            table.add_column(col, justify="right")
+        for tier_index, tier in enumerate(loop.tiers):
+            ev = summary.evaluation[tier.name]
+            losses = [u.train_loss for u in summary.updates if u.spec.tier_index == tier_index]
+            balance = [expert_entropy(u) for u in ev.utilization.values()]
+            table.add_row(
+                tier.name,
+                f"{tier.beta:g}",
+                "-" if ev.k is None else str(ev.k),
+                "-" if ev.rank is None else str(ev.rank),
+                *(f"{ev.metrics[m]:.4f}" for m in metric_names),
+                f"{sum(losses) / len(losses):.4f}" if losses else "-",
+                f"{ev.flops_per_example / 1e9:.3f}",
+                f"{sum(balance) / len(balance):.3f}" if balance else "-",
+            )
+        self.console.print(table)

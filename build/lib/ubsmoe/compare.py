@@ -1,0 +1,112 @@
+"""``make compare``: every method on the same split, seed and budget; one table per compute tier.
+
+Runs ``python src/train.py experiment=compare method=NAME`` once per method (a fresh
+process each, so no state leaks between methods), each into ``ROOT/NAME``, then reads
+their ``metrics.jsonl`` and writes ``ROOT/comparison.md`` and ``ROOT/comparison.csv``: a
+row per method, the task's main metric of each tier at the last evaluated round, the
+mean over tiers, and the FLOPs of the weakest tier relative to the dense model.
+
+Usage: python -m ubsmoe.compare [--methods a,b,...] [--root DIR] [HYDRA_OVERRIDE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ubsmoe.fl.strategies import METHODS
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def last_evaluation(run_dir: Path) -> list[dict]:
+    """The per-tier records of the last evaluated round of a run."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the run did not finish")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    evaluated = [r for r in records if r["evaluated"]]
+    last = max(r["round"] for r in evaluated)
+    return [r for r in evaluated if r["round"] == last]
+
+
+def comparison_rows(run_dirs: dict[str, Path]) -> tuple[list[str], list[dict]]:
+    """(tier names, one row per method) from the runs' last evaluations."""
+    tiers: list[str] = []
+    rows = []
+    for method, run_dir in run_dirs.items():
+        records = last_evaluation(run_dir)
+        tiers = tiers or [r["tier"] for r in records]
+        by_tier = {r["tier"]: r for r in records}
+        weakest = min(records, key=lambda r: r["beta"])
+        row = {"method": method, "round": records[0]["round"]}
+        for tier in tiers:
+            row[tier] = by_tier[tier]["main_metric"]
+        row["mean"] = sum(by_tier[t]["main_metric"] for t in tiers) / len(tiers)
+        row["weakest_flops_vs_dense"] = weakest["flops_ratio_to_dense"]
+        rows.append(row)
+    return tiers, rows
+
+
+def write_tables(root: Path, tiers: list[str], rows: list[dict], title: str) -> tuple[Path, Path]:
+    columns = ["method", *tiers, "mean", "weakest_flops_vs_dense", "round"]
+    csv_path = root / "comparison.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"# {title}",
+        "",
+        "| method | " + " | ".join(tiers) + " | mean over tiers | weakest-tier FLOPs / dense |",
+        "|---|" + "---:|" * (len(tiers) + 2),
+    ]
+    for row in rows:
+        cells = [f"{row[t]:.4f}" for t in tiers] + [f"{row['mean']:.4f}", f"{row['weakest_flops_vs_dense']:.3f}"]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    md_path = root / "comparison.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, csv_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run every method on the same split and tabulate per tier.")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
+    parser.add_argument("--root", type=Path, default=None, help="output root (default logs/compare/<time>)")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"Configuration error: --methods has {unknown}; allowed: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    root = args.root or PROJECT_ROOT / "logs" / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    root.mkdir(parents=True, exist_ok=True)
+    run_dirs = {}
+    for method in methods:
+        run_dir = root / method
+        cmd = [sys.executable, "src/train.py", "experiment=compare", f"method={method}",
+               f"paths.output_dir={run_dir}", *args.overrides]  # fmt: skip
+        print(f"[compare] {' '.join(cmd[1:])}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=os.environ.copy())
+        if proc.returncode != 0:
+            print(f"[compare] {method} failed with exit code {proc.returncode}", file=sys.stderr)
+            return proc.returncode
+        print(f"[compare] {method} finished in {time.perf_counter() - start:.0f} s", flush=True)
+        run_dirs[method] = run_dir
+    tiers, rows = comparison_rows(run_dirs)
+    md, csv_path = write_tables(root, tiers, rows, f"Per-tier comparison ({' '.join(args.overrides) or 'experiment=compare'})")
+    print(md.read_text())
+    print(f"[compare] tables: {md} and {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

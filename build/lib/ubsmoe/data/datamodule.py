@@ -1,0 +1,279 @@
+"""Per-client training data and the shared evaluation sets of one federated run.
+
+:func:`build_federated_data` turns a handful of config values into a :class:`FederatedData`:
+one :class:`ClientDataModule` per client (its partition of the tokenized train set) and one
+evaluation loader per validation split. Every cheap check runs before the tokenizer is
+loaded, so a typo fails in milliseconds rather than after tokenizing.
+
+Batch order is a pure function of (data seed, client id, round, epoch). A run resumed from
+a checkpoint at round r therefore feeds each client exactly the batches the uninterrupted
+run would have, without saving any sampler state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import lightning
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ubsmoe.data import glue
+from ubsmoe.data import partition as partitioning
+from ubsmoe.data.partition import bucketize_scores, validate_partition_args
+from ubsmoe.errors import ConfigError
+from ubsmoe.seeding import derive_seed
+
+
+class ClientDataModule(lightning.LightningDataModule):
+    """One client's share of the training set, served in seeded, reproducible orders.
+
+    ``dataset`` is the whole tokenized training set; the client sees only ``indices``.
+    ``label_ids`` are the labels the partition was drawn on (class ids, or score buckets for
+    regression), one per example of ``dataset``; ``num_classes`` is their range.
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        dataset: datasets.Dataset,
+        indices: np.ndarray,
+        *,
+        collate_fn: Any,
+        batch_size: int,
+        data_seed: int,
+        label_ids: np.ndarray,
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        self.client_id = int(client_id)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.dataset = dataset.select(self.indices, keep_in_memory=True)
+        self.collate_fn = collate_fn
+        self.batch_size = int(batch_size)
+        self.data_seed = int(data_seed)
+        self.num_classes = int(num_classes)
+        self._label_ids = np.asarray(label_ids, dtype=np.int64)[self.indices]
+        self.epoch_counter = 0
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.indices.size)
+
+    def label_counts(self) -> np.ndarray:
+        """Examples per class (or per score bucket) on this client."""
+        return np.bincount(self._label_ids, minlength=self.num_classes)
+
+    def _epoch_loader(self, *stream: object) -> DataLoader:
+        generator = torch.Generator().manual_seed(derive_seed(self.data_seed, "client", self.client_id, *stream))
+        order = torch.randperm(self.num_examples, generator=generator).tolist()
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=order,
+            collate_fn=self.collate_fn,
+            num_workers=0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """One shuffled epoch; each call advances ``epoch_counter`` and so reshuffles (Lightning use)."""
+        loader = self._epoch_loader(self.epoch_counter)
+        self.epoch_counter += 1
+        return loader
+
+    def batches(
+        self, round_idx: int, num_steps: int | None = None, num_epochs: int | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The client's batches for one federated round: ``num_steps`` batches or ``num_epochs`` epochs.
+
+        Steps run through as many freshly shuffled epochs as they need (the last batch of an
+        epoch may be smaller). The order depends only on (data seed, client, round, epoch).
+        """
+        if (num_steps is None) == (num_epochs is None):
+            raise ConfigError(
+                "federation.local_steps", num_steps, "exactly one of local steps or local epochs must be set"
+            )
+        if num_steps is not None and num_steps < 1:
+            raise ConfigError("federation.local_steps", num_steps, "an integer >= 1")
+        if num_epochs is not None and num_epochs < 1:
+            raise ConfigError("federation.local_epochs", num_epochs, "an integer >= 1")
+        if self.num_examples == 0:
+            raise ValueError(f"client {self.client_id} has no examples to train on")
+        return self._iterate(int(round_idx), num_steps, num_epochs)
+
+    def _iterate(
+        self, round_idx: int, num_steps: int | None, num_epochs: int | None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        served = 0
+        epoch = 0
+        while num_epochs is None or epoch < num_epochs:
+            for batch in self._epoch_loader("round", round_idx, "epoch", epoch):
+                yield dict(batch)
+                served += 1
+                if num_steps is not None and served == num_steps:
+                    return
+            epoch += 1
+
+
+@dataclass
+class FederatedData:
+    """Everything the federated loop needs from the data side."""
+
+    task: glue.GlueTask
+    clients: list[ClientDataModule]
+    eval_loaders: dict[str, DataLoader]
+    label_counts: np.ndarray
+    label_names: list[str]
+
+
+def _check_positive(key: str, value: int | None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value is None or int(value) < 1:
+        raise ConfigError(key, value, "an integer >= 1" + (" or null (no limit)" if optional else ""))
+
+
+def _bucket_names(scores: np.ndarray, buckets: np.ndarray, num_buckets: int) -> list[str]:
+    """Readable bucket labels ("1.20-2.40") from the score range each bucket really holds."""
+    names = []
+    for bucket in range(num_buckets):
+        members = scores[buckets == bucket]
+        names.append(f"{members.min():.2f}-{members.max():.2f}" if members.size else f"bucket{bucket}(empty)")
+    return names
+
+
+def build_federated_data(
+    *,
+    task: str,
+    local_dir: str | None,
+    tokenizer_path: str,
+    max_length: int,
+    num_clients: int,
+    partition: str,
+    alpha: float,
+    min_client_size: int,
+    seed: int,
+    batch_size: int,
+    eval_batch_size: int,
+    max_train_examples: int | None,
+    max_eval_examples: int | None,
+    regression_buckets: int,
+    cache_dir: str,
+) -> FederatedData:
+    """Load, subsample, partition and tokenize one GLUE task for ``num_clients`` clients.
+
+    ``seed`` is the run's master seed; partitioning, batch order and train subsampling each
+    use their own derived stream. ``max_train_examples`` keeps the first N of a seeded
+    permutation (so every label can appear); ``max_eval_examples`` keeps the first N.
+    """
+    method = partition
+    spec = glue.get_task(task)
+    _check_positive("data.max_length", max_length)
+    _check_positive("data.batch_size", batch_size)
+    _check_positive("data.eval_batch_size", eval_batch_size)
+    _check_positive("data.max_train_examples", max_train_examples, optional=True)
+    _check_positive("data.max_eval_examples", max_eval_examples, optional=True)
+    if spec.is_regression:
+        _check_positive("data.regression_buckets", regression_buckets)
+    # Checks that need no row count run now, whatever the source.
+    validate_partition_args(
+        method=method,
+        num_clients=num_clients,
+        alpha=alpha,
+        min_size=min_client_size,
+        num_examples=max(num_clients, 0) * max(min_client_size, 0),
+    )
+
+    source_dir = glue.resolve_local_dir(local_dir, spec.name)
+    splits = ["train", *spec.eval_splits]
+    if source_dir:
+        rows = glue.check_local_files(spec, source_dir, splits)
+        _validate_train_size(method, num_clients, alpha, min_client_size, rows["train"], max_train_examples)
+
+    raw = glue.load_glue(spec, source_dir, splits)
+    train = raw["train"]
+    _validate_train_size(method, num_clients, alpha, min_client_size, train.num_rows, max_train_examples)
+
+    if max_train_examples is not None and max_train_examples < train.num_rows:
+        order = np.random.default_rng(derive_seed(seed, "subsample")).permutation(train.num_rows)
+        train = train.select(np.sort(order[:max_train_examples]), keep_in_memory=True)
+
+    targets = np.asarray(train[glue.LABEL_COLUMN])
+    if spec.is_regression:
+        label_ids = bucketize_scores(targets, regression_buckets)
+        num_classes = int(regression_buckets)
+        label_names = _bucket_names(targets.astype(np.float64), label_ids, num_classes)
+    else:
+        label_ids = targets.astype(np.int64)
+        num_classes = spec.num_labels
+        label_names = list(spec.label_names)
+        bad = label_ids[(label_ids < 0) | (label_ids >= num_classes)]
+        if bad.size:
+            raise ConfigError(
+                "data.local_dir",
+                source_dir,
+                f"{spec.name} train labels must be 0..{num_classes - 1}, found {sorted(set(bad.tolist()))[:5]}",
+            )
+
+    parts = partitioning.partition(
+        label_ids,
+        method=method,
+        num_clients=num_clients,
+        alpha=alpha,
+        min_size=min_client_size,
+        seed=derive_seed(seed, "partition"),
+    )
+
+    # Expensive work starts here: everything the user could get wrong was checked above.
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    tokenized_train = glue.tokenize_split(train, spec, tokenizer, max_length, cache_dir, "train")
+
+    data_seed = derive_seed(seed, "data")
+    clients = [
+        ClientDataModule(
+            client_id,
+            tokenized_train,
+            indices,
+            collate_fn=collator,
+            batch_size=batch_size,
+            data_seed=data_seed,
+            label_ids=label_ids,
+            num_classes=num_classes,
+        )
+        for client_id, indices in enumerate(parts)
+    ]
+
+    eval_loaders: dict[str, DataLoader] = {}
+    for split in spec.eval_splits:
+        ds = raw[split]
+        if max_eval_examples is not None and max_eval_examples < ds.num_rows:
+            ds = ds.select(range(max_eval_examples))
+        tokenized = glue.tokenize_split(ds, spec, tokenizer, max_length, cache_dir, split)
+        eval_loaders[split] = DataLoader(
+            tokenized, batch_size=eval_batch_size, shuffle=False, collate_fn=collator, num_workers=0
+        )
+
+    return FederatedData(
+        task=spec,
+        clients=clients,
+        eval_loaders=eval_loaders,
+        label_counts=np.stack([client.label_counts() for client in clients]),
+        label_names=label_names,
+    )
+
+
+def _validate_train_size(
+    method: str, num_clients: int, alpha: float, min_size: int, num_rows: int, max_train_examples: int | None
+) -> None:
+    usable = num_rows if max_train_examples is None else min(num_rows, max_train_examples)
+    validate_partition_args(method=method, num_clients=num_clients, alpha=alpha, min_size=min_size, num_examples=usable)
+
+
+__all__ = ("ClientDataModule", "FederatedData", "build_federated_data")

@@ -1,0 +1,59 @@
+"""The backend interface: train a round's sampled clients, return their results by client id."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate
+
+if TYPE_CHECKING:
+    from ubsmoe.fl.loop import FederatedLoop
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One sampled client of a round: who it is (its spec) and what the server sends it."""
+
+    spec: ClientSpec
+    payload: ClientPayload
+    round_idx: int
+
+    @property
+    def client_id(self) -> int:
+        return self.spec.client_id
+
+
+@dataclass
+class ClientResult:
+    """What came back for one job: an update, or the reason there is none."""
+
+    client_id: int
+    update: ClientUpdate | None
+    error: str | None = None  # why no usable update came back (exception, timeout, ...)
+    seconds: float = 0.0  # wall time the client's training took where it ran
+
+    @property
+    def ok(self) -> bool:
+        return self.update is not None and self.error is None
+
+
+class ClientBackend(ABC):
+    """Trains the sampled clients of a round. ``start`` is called once with the loop, ``close`` at the end."""
+
+    name: str = "base"
+
+    def start(self, loop: FederatedLoop) -> None:
+        """Bind to the loop (module, data, strategy, budgets); called once before the first round."""
+        self.loop = loop
+
+    @abstractmethod
+    def train_clients(
+        self, jobs: list[ClientJob], on_done: Callable[[ClientResult], None] | None = None
+    ) -> list[ClientResult]:
+        """Train every job; return one result per job, sorted by client id. ``on_done`` reports progress."""
+
+    def close(self) -> None:
+        """Release whatever the backend started (workers, daemons)."""

@@ -1,0 +1,174 @@
+"""Client side of a federated round: who a client is (tier, K_c or rank) and its local training.
+
+A client loads the state the server sent into the one shared module, trains a fresh
+optimizer for the configured local budget on its own data, and returns a
+:class:`ClientUpdate`: the new trainable state plus the statistics the server needs
+(example count, per-layer expert and token counts, PG default outputs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from ubsmoe.config import Tier
+from ubsmoe.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
+    from ubsmoe.data.datamodule import ClientDataModule
+    from ubsmoe.model import FederatedClassifier
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """A client's identity and compute shape: K_c active experts (sparse) or LoRA rank r_c."""
+
+    client_id: int
+    tier: Tier
+    tier_index: int
+    k: int | None
+    rank: int | None
+
+
+@dataclass
+class ClientPayload:
+    """What the server sends one client.
+
+    ``state``: the trainable tensors, shaped for the client (e.g. rank-truncated);
+    ``pg_defaults``: UB-SMoE's default expert outputs D per layer; ``base_deltas``: dense
+    updates merged into frozen weights (FLoRA), keyed ``<adapted module>.base_delta``.
+    """
+
+    state: Tensors
+    pg_defaults: Tensors = field(default_factory=dict)
+    base_deltas: Tensors = field(default_factory=dict)
+
+    def num_bytes(self) -> int:
+        return tensor_bytes(self.state) + tensor_bytes(self.pg_defaults) + tensor_bytes(self.base_deltas)
+
+
+@dataclass
+class ClientUpdate:
+    """What a client sends back after local training."""
+
+    spec: ClientSpec
+    state: Tensors
+    num_examples: int
+    telemetry: dict[str, Tensors]
+    pg_defaults: Tensors
+    train_loss: float
+    num_steps: int
+    bytes_received: int = 0  # server -> client (set by the loop through the strategy's accounting)
+    bytes_sent: int = 0  # client -> server
+
+    def expert_tokens(self, layer: str) -> torch.Tensor:
+        return self.telemetry[layer]["expert_tokens"]
+
+    def tokens(self, layer: str) -> float:
+        return float(self.telemetry[layer]["tokens"])
+
+
+def tensor_bytes(tensors: Tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def assign_tiers(num_clients: int, tiers: list[Tier]) -> list[int]:
+    """Tier index of every client: counts by largest remainder of share * num_clients, in order.
+
+    The partitioner's draws are exchangeable across clients, so contiguous blocks are as
+    random as a shuffle and easier to read in reports.
+    """
+    raw = [t.share * num_clients for t in tiers]
+    counts = [math.floor(r) for r in raw]
+    by_remainder = sorted(range(len(tiers)), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in by_remainder[: num_clients - sum(counts)]:
+        counts[i] += 1
+    return [i for i, c in enumerate(counts) for _ in range(c)]
+
+
+def make_tier_specs(
+    tiers: list[Tier], *, sparse: bool, hetero_rank: bool, num_experts: int, max_rank: int
+) -> list[ClientSpec]:
+    """The compute shape of every tier (client_id -1): sparse methods scale K, rank methods scale r."""
+    return [
+        ClientSpec(
+            client_id=-1,
+            tier=tier,
+            tier_index=t_idx,
+            k=tier.num_experts_active(num_experts) if sparse else None,
+            rank=tier.lora_rank(max_rank) if hetero_rank else None,
+        )
+        for t_idx, tier in enumerate(tiers)
+    ]
+
+
+def make_client_specs(num_clients: int, tier_specs: list[ClientSpec]) -> list[ClientSpec]:
+    """One :class:`ClientSpec` per client, its tier from :func:`assign_tiers`."""
+    tiers = [s.tier for s in tier_specs]
+    return [replace(tier_specs[t], client_id=cid) for cid, t in enumerate(assign_tiers(num_clients, tiers))]
+
+
+def train_client(
+    fabric: Fabric,
+    module: FederatedClassifier,
+    spec: ClientSpec,
+    payload: ClientPayload,
+    data: ClientDataModule,
+    *,
+    round_idx: int,
+    local_steps: int | None,
+    local_epochs: int | None,
+    seed: int,
+    regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+) -> ClientUpdate:
+    """Local training of one client on the shared module; returns its update.
+
+    ``regularizer`` is a method's client-side loss term (HetLoRA's self-pruning penalty).
+    """
+    load_payload(module, spec, payload)
+    module.reset_telemetry()
+    module.train()
+    # Dropout and any other in-step randomness depend only on (seed, round, client), so a
+    # resumed run, or the same client trained in another order, draws the same numbers.
+    torch.manual_seed(derive_seed(seed, "train", round_idx, spec.client_id))
+    optimizer = fabric.setup_optimizers(module.configure_optimizers())
+    total_loss, steps = 0.0, 0
+    for step, batch in enumerate(data.batches(round_idx, num_steps=local_steps, num_epochs=local_epochs)):
+        batch = fabric.to_device(batch)
+        optimizer.zero_grad(set_to_none=True)
+        with fabric.autocast():
+            loss = module.training_step(batch, step)
+            if regularizer is not None:
+                loss = loss + regularizer(module)
+        fabric.backward(loss)
+        module.on_after_backward()
+        optimizer.step()
+        total_loss += float(loss.detach())
+        steps += 1
+    state = module.trainable_state()
+    pg_defaults = module.pg_defaults()
+    return ClientUpdate(
+        spec=spec,
+        state=state,
+        num_examples=data.num_examples,
+        telemetry=module.telemetry(),
+        pg_defaults=pg_defaults,
+        train_loss=total_loss / max(steps, 1),
+        num_steps=steps,
+    )
+
+
+def load_payload(module: FederatedClassifier, spec: ClientSpec, payload: ClientPayload) -> None:
+    """Put a client's compute shape and the server's payload into the shared module."""
+    module.set_client(k=spec.k, rank=spec.rank, tier_index=spec.tier_index)
+    module.set_base_deltas(payload.base_deltas)
+    module.load_trainable_state(payload.state)
+    module.set_pg_defaults(payload.pg_defaults)

@@ -1,0 +1,295 @@
+"""The federated rounds on Lightning Fabric: sample, train locally, aggregate, evaluate, checkpoint.
+
+One round, as DESIGN.md section 2 lays it out:
+
+1. the sampler picks ``clients_per_round`` clients; the strategy shapes each one's payload;
+2. the backend trains the sampled clients (``backend=local``: one after another on the one
+   shared module, :func:`~ubsmoe.fl.client.train_client`) and returns results by client id;
+3. the strategy aggregates the updates into the server state;
+4. ``fabric.call("on_aggregate_end")``: the DMR callback updates phi;
+5. every ``eval_every`` rounds (and the last) the global model is evaluated once per tier;
+6. ``fabric.call("on_round_end")``: metrics files, console table, W&B expert statistics;
+7. the full state is checkpointed atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ubsmoe.config import Tier
+from ubsmoe.fl.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from ubsmoe.fl.backends import ClientBackend, ClientJob, LocalBackend
+from ubsmoe.fl.client import ClientSpec, ClientUpdate, load_payload
+from ubsmoe.fl.server import ClientSampler, ServerState, aggregate_utilization, owning_layer
+from ubsmoe.fl.strategies.base import Strategy
+from ubsmoe.fl.summary import RoundSummary, TierEvaluation
+from ubsmoe.smoe.flops import flops_per_example
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
+    from ubsmoe.data.datamodule import FederatedData
+    from ubsmoe.model import FederatedClassifier
+
+
+class FederatedLoop:
+    """Runs the rounds; holds the server state, the sampler and the callbacks' checkpointable state."""
+
+    def __init__(
+        self,
+        *,
+        fabric: Fabric,
+        module: FederatedClassifier,
+        data: FederatedData,
+        specs: list[ClientSpec],
+        tier_specs: list[ClientSpec],
+        strategy: Strategy,
+        sampler: ClientSampler,
+        callbacks: list[Any],
+        seed: int,
+        rounds: int,
+        local_steps: int | None,
+        local_epochs: int | None,
+        eval_every: int,
+        output_dir: Path,
+        checkpoint: bool,
+        fingerprint: dict[str, Any],
+        backend: ClientBackend | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.fabric = fabric
+        self.module = module
+        self.data = data
+        self.specs = specs
+        self.tier_specs = tier_specs
+        self.tiers: list[Tier] = [s.tier for s in tier_specs]
+        self.strategy = strategy
+        self.sampler = sampler
+        self.callbacks = callbacks
+        self.seed = seed
+        self.rounds = rounds
+        self.local_steps = local_steps
+        self.local_epochs = local_epochs
+        self.eval_every = eval_every
+        self.output_dir = Path(output_dir)
+        self.checkpoint = checkpoint
+        self.fingerprint = fingerprint
+        self.progress = progress
+        self.backend = backend or LocalBackend()
+        self.server = ServerState(round=0, global_state=module.trainable_state(), pg_defaults=module.pg_defaults())
+        self.elapsed_before = 0.0  # wall time of the rounds run before a resume
+        self.eval_lengths = self._eval_lengths()
+        self.dense_flops_per_example = self._dense_flops()
+        self._tier_flops_cache = [self._tier_flops(i) for i in range(len(self.tiers))]
+        self.last_evaluation: dict[str, TierEvaluation] | None = None
+
+    # ----------------------------------------------------------------------------- tiers
+    def tier_spec(self, tier_index: int) -> ClientSpec:
+        """The compute shape (K_c or rank) of a tier."""
+        return self.tier_specs[tier_index]
+
+    def _eval_lengths(self) -> Counter[int]:
+        """Token counts of the evaluation examples, for the per-example FLOPs of each tier."""
+        lengths: Counter[int] = Counter()
+        for loader in self.data.eval_loaders.values():
+            for batch in loader:
+                lengths.update(int(n) for n in batch["attention_mask"].sum(1).tolist())
+        return lengths
+
+    def _mean_flops(self, flops_at_length: Callable[[int], float]) -> float:
+        """Mean of ``flops_at_length(L)`` over the evaluation examples' token counts L."""
+        total = sum(count * flops_at_length(length) for length, count in self.eval_lengths.items())
+        return total / max(sum(self.eval_lengths.values()), 1)
+
+    def _dense_flops(self) -> float:
+        """Forward FLOPs per evaluation example of the dense backbone with full-rank LoRA (the reference)."""
+        settings = self.module.model_settings
+        dims = self.module.encoder_dims()
+        return self._mean_flops(
+            lambda length: flops_per_example(
+                dims, length, lora_rank=settings.lora.rank, sparse=False, ffn_lora=settings.lora.ffn
+            )
+        )
+
+    def _tier_flops(self, tier_index: int) -> float:
+        """Forward FLOPs per evaluation example at the tier's K / rank (analytic)."""
+        spec = self.tier_spec(tier_index)
+        self.module.set_client(k=spec.k, rank=spec.rank, tier_index=tier_index)
+        return self._mean_flops(self.module.flops_per_example)
+
+    def tier_flops(self, tier_index: int) -> float:
+        """Mean forward FLOPs per evaluation example of a tier (fixed for the run: computed once)."""
+        return self._tier_flops_cache[tier_index]
+
+    # ----------------------------------------------------------------------------- rounds
+    def run(self) -> dict[str, TierEvaluation] | None:
+        """Run the remaining rounds; return the last per-tier evaluation."""
+        self.fabric.call("on_fit_start", loop=self)
+        self.backend.start(self)
+        start = time.perf_counter()
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not self.progress,
+        ) as bar:
+            rounds_task = bar.add_task("rounds", total=self.rounds, completed=self.server.round)
+            clients_task = bar.add_task("clients", total=self.sampler.per_round)
+            while self.server.round < self.rounds:
+                summary = self.run_round(bar, clients_task, start)
+                bar.update(rounds_task, completed=summary.round)
+        self.backend.close()
+        self.fabric.call("on_fit_end", loop=self)
+        return self.last_evaluation
+
+    def run_round(self, bar: Progress, clients_task: Any, start: float) -> RoundSummary:
+        round_start = time.perf_counter()
+        round_idx = self.server.round  # 0-based index of the round being run
+        client_ids = self.sampler.sample()
+        bar.reset(clients_task, total=len(client_ids))
+        jobs = []
+        for cid in client_ids:
+            spec = self.strategy.client_spec(self.specs[cid])
+            jobs.append(ClientJob(spec, self.strategy.configure_client(self.server, spec), round_idx))
+        t0 = time.perf_counter()
+        results = self.backend.train_clients(jobs, on_done=lambda _result: bar.advance(clients_task))
+        busy = time.perf_counter() - t0
+        failed = [r for r in results if not r.ok]
+        if failed:
+            first = failed[0]
+            raise RuntimeError(f"round {round_idx + 1}: client {first.client_id} failed: {first.error}")
+        payloads = {job.client_id: job.payload for job in jobs}
+        updates: list[ClientUpdate] = []
+        for result in results:
+            update = result.update
+            assert update is not None
+            update.bytes_received = self.strategy.payload_bytes(payloads[result.client_id], update.spec)
+            update.bytes_sent = self.strategy.update_bytes(update)
+            updates.append(update)
+        self.strategy.aggregate(self.server, updates)
+        self.server.utilization = aggregate_utilization(updates)
+        self.fabric.call("on_aggregate_end", loop=self, round_idx=round_idx, updates=updates)
+        self.server.round = round_idx + 1
+
+        evaluation = None
+        if self.server.round % self.eval_every == 0 or self.server.round == self.rounds:
+            t0 = time.perf_counter()
+            evaluation = self.evaluate()
+            busy += time.perf_counter() - t0
+            self.last_evaluation = evaluation
+        summary = RoundSummary(
+            round=self.server.round,
+            client_ids=client_ids,
+            updates=updates,
+            evaluation=evaluation,
+            utilization=dict(self.server.utilization),
+            phi=self.global_phi(),
+            wall_time=self.elapsed_before + time.perf_counter() - start,
+            round_seconds=time.perf_counter() - round_start,
+            train_eval_seconds=busy,
+        )
+        self.fabric.call("on_round_end", loop=self, summary=summary)
+        if self.checkpoint:
+            save_checkpoint(self.fabric, self.output_dir / CHECKPOINT_FILE, self.state_dict(summary.wall_time))
+        self._write_timing(summary, time.perf_counter() - round_start)
+        return summary
+
+    def _write_timing(self, summary: RoundSummary, total: float) -> None:
+        """``timings.jsonl``: where a round's wall time went (local training + evaluation vs the rest)."""
+        record = {
+            "round": summary.round,
+            "round_seconds": round(total, 4),
+            "train_eval_seconds": round(summary.train_eval_seconds, 4),
+            "overhead_seconds": round(total - summary.train_eval_seconds, 4),
+        }
+        with (self.output_dir / "timings.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def global_phi(self) -> dict[str, torch.Tensor]:
+        """The global phi per SMoE layer (empty for dense methods)."""
+        layers = list(self.server.utilization)
+        if not layers:
+            return {}
+        return {owning_layer(n, layers): self.server.global_state[n] for n in self.module.phi_names()}
+
+    # ----------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, TierEvaluation]:
+        """The global model on every evaluation split, once per tier at that tier's K / rank."""
+        module = self.module
+        module.eval()
+        results: dict[str, TierEvaluation] = {}
+        main = self.data.task.main_metric
+        for tier_index, tier in enumerate(self.tiers):
+            # Each tier sees the global model exactly as a client of that tier receives it.
+            spec = self.tier_spec(tier_index)
+            load_payload(module, spec, self.strategy.configure_client(self.server, spec))
+            module.reset_telemetry()
+            metrics: dict[str, float] = {}
+            for split, loader in self.data.eval_loaders.items():
+                for i, batch in enumerate(loader):
+                    with self.fabric.autocast():
+                        module.validation_step(self.fabric.to_device(batch), i)
+                values = module.compute_validation()
+                prefix = "" if len(self.data.eval_loaders) == 1 else f"{split}/"
+                metrics.update({f"{prefix}{k}": v for k, v in values.items()})
+            telemetry = module.telemetry()
+            first_prefix = "" if len(self.data.eval_loaders) == 1 else f"{next(iter(self.data.eval_loaders))}/"
+            results[tier.name] = TierEvaluation(
+                tier=tier.name,
+                beta=tier.beta,
+                k=spec.k,
+                rank=spec.rank,
+                metrics=metrics,
+                main_metric=metrics[f"{first_prefix}{main}"],
+                flops_per_example=self.tier_flops(tier_index),
+                utilization={
+                    layer: t["expert_tokens"].double() / max(float(t["tokens"]), 1.0) for layer, t in telemetry.items()
+                },
+                max_load_fraction={layer: float(t["max_load_fraction"]) for layer, t in telemetry.items()},
+            )
+        module.train()
+        return results
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self, wall_time: float) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "server": self.server.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "callbacks": {
+                type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")
+            },
+            "last_evaluation": self.last_evaluation,
+            "wall_time": wall_time,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.server = ServerState.from_state_dict(state["server"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.strategy.load_state_dict(state["strategy"])
+        for cb in self.callbacks:
+            if hasattr(cb, "load_state_dict") and type(cb).__name__ in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][type(cb).__name__])
+        self.last_evaluation = state["last_evaluation"]
+        self.elapsed_before = float(state["wall_time"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])

@@ -1,0 +1,75 @@
+"""One strategy per federated method, found by name in :data:`STRATEGIES`.
+
+The registry is the one list of methods: ``method.name`` must be one of its keys (the
+config check and ``make compare`` derive the allowed names from it), and each entry builds
+the method's server-side aggregation from the method settings and a
+:class:`StrategyContext`. Adding a method: a Strategy subclass, one entry here, one
+``configs/method/NAME.yaml`` (docs/adding_a_method.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ubsmoe.errors import ConfigError
+from ubsmoe.fl.strategies.base import Strategy
+from ubsmoe.fl.strategies.fedavg import FedAvg
+from ubsmoe.fl.strategies.flexlora import FlexLoRA
+from ubsmoe.fl.strategies.flora import FLoRA
+from ubsmoe.fl.strategies.hetlora import HetLoRA
+from ubsmoe.fl.strategies.ubsmoe import SparseMoEStrategy
+from ubsmoe.settings import MethodSettings
+
+
+@dataclass(frozen=True)
+class StrategyContext:
+    """What a strategy may need from the model and the run besides the method settings."""
+
+    expert_tensor_names: list[str]
+    lora_scaling: float  # alpha / r of the full-rank adapters
+    seed: int  # the strategy's own seed (e.g. FLoRA's fresh adapters)
+
+
+StrategyFactory = Callable[[MethodSettings, StrategyContext], Strategy]
+
+
+def _sparse_moe(method: MethodSettings, ctx: StrategyContext) -> Strategy:
+    """UB-SMoE, SMoE, SMoE+LLB and FLAME share one aggregation, told apart by their settings."""
+    return SparseMoEStrategy(ctx.expert_tensor_names, exponent=method.expert_agg_exponent)
+
+
+STRATEGIES: dict[str, StrategyFactory] = {
+    "ubsmoe": _sparse_moe,
+    "smoe": _sparse_moe,
+    "smoe_llb": _sparse_moe,
+    "flame": _sparse_moe,
+    "fedit": lambda method, ctx: FedAvg(),
+    "hetlora": lambda method, ctx: HetLoRA(gamma=method.self_pruning.gamma, strength=method.self_pruning.strength),
+    "flexlora": lambda method, ctx: FlexLoRA(scaling=ctx.lora_scaling),
+    "flora": lambda method, ctx: FLoRA(scaling=ctx.lora_scaling, seed=ctx.seed),
+}
+
+METHODS: tuple[str, ...] = tuple(STRATEGIES)
+
+
+def build_strategy(method: MethodSettings, ctx: StrategyContext) -> Strategy:
+    """The server-side aggregation of ``method`` (a name without a registered strategy is an error)."""
+    factory = STRATEGIES.get(method.name)
+    if factory is None:
+        raise ConfigError("method.name", method.name, f"one of {', '.join(METHODS)}")
+    return factory(method, ctx)
+
+
+__all__ = [
+    "METHODS",
+    "STRATEGIES",
+    "FLoRA",
+    "FedAvg",
+    "FlexLoRA",
+    "HetLoRA",
+    "SparseMoEStrategy",
+    "Strategy",
+    "StrategyContext",
+    "build_strategy",
+]

@@ -1,0 +1,77 @@
+"""The Strategy interface: how a method shapes what each client gets and merges what comes back.
+
+As in Flower's strategies, client logic and server aggregation are separate, plain
+pieces: a strategy reads and writes named tensors of the trainable state and the
+statistics a :class:`~ubsmoe.fl.client.ClientUpdate` carries; it never reaches into the
+model's layers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate, tensor_bytes
+from ubsmoe.fl.server import ServerState
+
+Tensors = dict[str, torch.Tensor]
+
+
+class Strategy(ABC):
+    """Base class of every federated method."""
+
+    name: str = "base"
+
+    def client_spec(self, spec: ClientSpec) -> ClientSpec:
+        """The compute shape a client trains with this round (HetLoRA lowers r_c after self-pruning)."""
+        return spec
+
+    def configure_client(self, server: ServerState, spec: ClientSpec) -> ClientPayload:
+        """The payload for one client; by default the global state as it is."""
+        return ClientPayload(state=server.global_state, pg_defaults=server.pg_defaults)
+
+    def payload_bytes(self, payload: ClientPayload, spec: ClientSpec) -> int:
+        """Bytes the server really sends this client (methods that truncate count only what is sent)."""
+        del spec
+        return payload.num_bytes()
+
+    def update_bytes(self, update: ClientUpdate) -> int:
+        """Bytes the client really sends back."""
+        return tensor_bytes(update.state) + tensor_bytes(update.pg_defaults)
+
+    def client_regularizer(self, spec: ClientSpec) -> Callable[[torch.nn.Module], torch.Tensor] | None:
+        """A method's extra client-side loss term (None: the model's own loss only)."""
+        del spec
+        return None
+
+    @abstractmethod
+    def aggregate(self, server: ServerState, updates: list[ClientUpdate]) -> None:
+        """Merge the round's client updates into ``server`` (in place)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Whatever the strategy keeps across rounds (checkpointed with the run)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+def example_weights(updates: list[ClientUpdate]) -> torch.Tensor:
+    """w_c = n_c / sum n over the round's clients."""
+    n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+    return n / n.sum()
+
+
+def weighted_mean(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum_c weights[c] * tensors[c], accumulated in float64 and cast back.
+
+    ``weights`` has shape [C] (one weight a client) or [C, E] (one per client and leading
+    index, e.g. per expert); rows are expected to sum to 1 over clients.
+    """
+    stacked = torch.stack([t.to(torch.float64) for t in tensors])
+    w = weights.to(torch.float64)
+    w = w.reshape(w.shape + (1,) * (stacked.dim() - w.dim()))
+    return (stacked * w).sum(0).to(tensors[0].dtype)

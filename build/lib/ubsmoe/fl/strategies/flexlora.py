@@ -1,0 +1,108 @@
+"""FlexLoRA (Bai et al., 2024): aggregate the full LoRA update, hand each client its top-r_c SVD part.
+
+Paper: "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and
+Client Resources".
+
+Averaging A and B separately is not averaging the updates (mean(B) mean(A) != mean(B A)),
+and with different ranks the factors do not even line up. FlexLoRA therefore aggregates
+the full-size update of every adapted layer,
+
+    dW = sum_c w_c * s * B_c A_c,    w_c = n_c / sum n,  s = alpha / r (the LoRA scaling),
+
+keeps dW as the global model, and hands each client the best rank-r_c approximation of
+it, from the SVD dW = U S V^T truncated to the top r_c singular triplets.
+
+The split of the truncated SVD into factors: B = U_r S_r / s and A = V_r^T (so
+s * B A = U_r S_r V_r^T). Keeping A orthonormal and putting the magnitudes in B mirrors
+LoRA's own convention (A carries directions, B starts at zero): a direction whose singular
+value is zero still has a non-zero row of A and a zero column of B, so it stays trainable.
+With the symmetric split sqrt(S) on both sides such a component would have A and B both
+zero, and LoRA gradients could never revive it. The SVD is computed in float64.
+
+The global state's LoRA pair holds the rank-``r`` factors of dW (top r triplets, ordered
+by singular value), so truncating it to r_c, which :meth:`configure_client` and the
+rank limiter at evaluation do, is exactly the top-r_c approximation. dW itself is kept in
+the strategy state (checkpointed) so that a resumed run continues from the exact global.
+Before the first aggregation there is no dW and clients get the truncated initial pair
+(random A, zero B). Tensors outside the pairs are averaged with n_c.
+
+``scaling`` is the LoRA scaling every client applies; all clients train inside the same
+rank-``r`` module, so it is one number, and it cancels between aggregation and hand-out
+(it only sets the units of the stored dW, the dense weight update).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ubsmoe.fl.strategies.lora_pairs import LoraRankStrategy, pair_rank
+
+Tensors = dict[str, torch.Tensor]
+
+
+def aggregate_delta(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor, scaling: float = 1.0
+) -> torch.Tensor:
+    """dW = scaling * sum_c weights[c] * B_c A_c, in float64."""
+    out = None
+    for (a, b), w in zip(pairs, weights.to(torch.float64), strict=True):
+        pair_rank(a, b)
+        term = w * (b.to(torch.float64) @ a.to(torch.float64))
+        out = term if out is None else out + term
+    if out is None:
+        raise ValueError("no client pairs to aggregate")
+    return scaling * out
+
+
+def svd_factors(
+    delta: torch.Tensor, rank: int, full_rank: int, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``full_rank`` factors A [R, in], B [out, R] with scaling * B @ A the best rank-``rank`` fit of ``delta``.
+
+    Components beyond ``rank`` are zero. B = U_r S_r / scaling, A = V_r^T (see the module
+    docstring for the choice of split). Returned in float64.
+    """
+    out_dim, in_dim = delta.shape
+    if not 1 <= rank <= full_rank:
+        raise ValueError(f"rank={rank} must lie in [1, {full_rank}]")
+    if full_rank > min(out_dim, in_dim):
+        raise ValueError(f"LoRA rank {full_rank} exceeds the size {tuple(delta.shape)} of the layer")
+    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    a = torch.zeros(full_rank, in_dim, dtype=torch.float64)
+    b = torch.zeros(out_dim, full_rank, dtype=torch.float64)
+    a[:rank] = vh[:rank]
+    b[:, :rank] = u[:, :rank] * (s[:rank] / scaling)
+    return a, b
+
+
+class FlexLoRA(LoraRankStrategy):
+    """Aggregate the full update dW, hand each client the top-r_c SVD factors of it."""
+
+    name = "flexlora"
+
+    def __init__(self, *, scaling: float = 1.0) -> None:
+        if not scaling > 0:
+            raise ValueError(f"LoRA scaling must be positive, got {scaling}")
+        self.scaling = float(scaling)
+        self.delta: Tensors = {}  # prefix -> dW [out, in], the global model
+
+    def merge_pair(
+        self,
+        prefix: str,
+        client: list[tuple[torch.Tensor, torch.Tensor]],
+        weights: torch.Tensor,
+        global_a: torch.Tensor,
+        global_b: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep dW = sum_c w_c s B_c A_c as the global model; the pair holds its top-r SVD factors."""
+        full = pair_rank(global_a, global_b)
+        self.delta[prefix] = aggregate_delta(client, weights, self.scaling).to(global_a.dtype)
+        return svd_factors(self.delta[prefix], full, full, self.scaling)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"delta": {k: v.clone() for k, v in self.delta.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.delta = {k: v.clone() for k, v in state.get("delta", {}).items()}

@@ -1,0 +1,65 @@
+"""Aggregation for the sparse methods (UB-SMoE, SMoE, SMoE+LLB, FLAME).
+
+Shared tensors (attention LoRA, router, head, phi) are averaged with weights n_c. Expert
+LoRA tensors (leading dim = expert) use activation-aware weights f_{c,i}^t * n_c, where
+f_{c,i} is the share of client c's tokens that expert i received (FLAME; t = 0 is plain
+FedAvg). PG default outputs D_i are averaged with the clients' activation counts a_{c,i},
+so a weak client receives defaults for experts it never runs. phi is averaged here
+(phi_bar); the DMR callback then applies the server update of DESIGN.md section 3.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ubsmoe.fl.client import ClientUpdate
+from ubsmoe.fl.server import ServerState, owning_layer
+from ubsmoe.fl.strategies.base import Strategy, example_weights, weighted_mean
+
+
+class SparseMoEStrategy(Strategy):
+    """FedAvg with activation-aware expert weights (exponent ``t``) and activation-weighted PG defaults."""
+
+    name = "sparse_moe"
+
+    def __init__(self, expert_tensor_names: list[str], exponent: float = 0.0) -> None:
+        self.expert_tensor_names = set(expert_tensor_names)
+        self.exponent = float(exponent)
+
+    def expert_weights(self, updates: list[ClientUpdate], layer: str) -> torch.Tensor:
+        """[C, M] weights f_{c,i}^t * n_c, normalised over clients (n_c alone where an expert got no tokens)."""
+        n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+        share = torch.stack(
+            [u.expert_tokens(layer).to(torch.float64) / max(u.tokens(layer), 1.0) for u in updates]
+        )
+        raw = share.pow(self.exponent) * n[:, None]
+        fallback = (n / n.sum())[:, None].expand_as(raw)
+        total = raw.sum(0, keepdim=True)
+        return torch.where(total > 0, raw / total.clamp_min(1e-300), fallback)
+
+    def aggregate(self, server: ServerState, updates: list[ClientUpdate]) -> None:
+        weights = example_weights(updates)
+        layers = list(updates[0].telemetry)
+        new_state = {}
+        for name in server.global_state:
+            tensors = [u.state[name] for u in updates]
+            if name in self.expert_tensor_names and self.exponent != 0.0:
+                new_state[name] = weighted_mean(tensors, self.expert_weights(updates, owning_layer(name, layers)))
+            else:
+                new_state[name] = weighted_mean(tensors, weights)
+        server.global_state = new_state
+        server.pg_defaults = self.aggregate_pg_defaults(server.pg_defaults, updates)
+
+    @staticmethod
+    def aggregate_pg_defaults(
+        previous: dict[str, torch.Tensor], updates: list[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
+        """D_i = sum_c a_{c,i} D_{c,i} / sum_c a_{c,i}; experts nobody ran keep the previous default."""
+        out = {}
+        for layer in updates[0].pg_defaults:
+            counts = torch.stack([u.expert_tokens(layer).to(torch.float64) for u in updates])  # [C, M]
+            total = counts.sum(0)  # [M]
+            mixed = weighted_mean([u.pg_defaults[layer] for u in updates], counts / total.clamp_min(1.0))
+            keep = previous.get(layer, updates[0].pg_defaults[layer])
+            out[layer] = torch.where((total > 0)[:, None], mixed, keep)
+        return out

@@ -1,0 +1,96 @@
+"""Forward FLOPs per example: an analytic count per tier, and a measured one that checks it.
+
+Convention: one multiply-add is 2 FLOPs; only matrix products are counted (what
+``torch.utils.flop_counter.FlopCounterMode`` counts), so embeddings lookups, LayerNorm,
+activations, softmax and pooling are left out of both counts. Attention is counted as the
+eager kernel computes it (``Q K^T`` and ``P V``): ``FlopCounterMode`` does not count the
+CPU scaled-dot-product kernel, so measurements must run the backbone with eager attention.
+The PG router signal is a training-only term whose value is zero; it is not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class EncoderDims:
+    """The shapes of a BERT-family encoder that its FLOPs depend on."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_labels: int
+    # (in, out) features of each attention Linear that carries LoRA, in one layer
+    attention_lora: tuple[tuple[int, int], ...] = ()
+
+
+def lora_flops(in_features: int, out_features: int, rank: int) -> float:
+    """Per token: ``x A^T`` then ``(x A^T) B^T``."""
+    return 2.0 * rank * (in_features + out_features)
+
+
+def attention_flops(dims: EncoderDims, seq_len: int, lora_rank: int) -> float:
+    """Per token and layer: Q, K, V and output projections, the two attention products, LoRA."""
+    projections = 4 * 2.0 * dims.hidden * dims.hidden
+    scores_and_context = 2 * 2.0 * seq_len * dims.hidden
+    adapters = sum(lora_flops(i, o, lora_rank) for i, o in dims.attention_lora) if lora_rank else 0.0
+    return projections + scores_and_context + adapters
+
+
+def dense_ffn_flops(dims: EncoderDims, lora_rank: int, ffn_lora: bool) -> float:
+    """Per token and layer, the dense FFN (two matrices) with optional LoRA on both."""
+    h, d = dims.hidden, dims.intermediate
+    base = 2 * 2.0 * h * d
+    adapters = lora_flops(h, d, lora_rank) + lora_flops(d, h, lora_rank) if ffn_lora and lora_rank else 0.0
+    return base + adapters
+
+
+def sparse_ffn_flops(dims: EncoderDims, num_experts: int, k: int, lora_rank: int) -> float:
+    """Per token and layer: the router and ``k`` experts of width ``d / M``, each with LoRA."""
+    h, de = dims.hidden, dims.intermediate // num_experts
+    router = 2.0 * h * num_experts
+    expert = 2 * 2.0 * h * de
+    adapters = lora_flops(h, de, lora_rank) + lora_flops(de, h, lora_rank) if lora_rank else 0.0
+    return router + k * (expert + adapters)
+
+
+def flops_per_example(
+    dims: EncoderDims,
+    seq_len: int,
+    *,
+    lora_rank: int,
+    sparse: bool,
+    num_experts: int = 1,
+    k: int = 1,
+    ffn_lora: bool = True,
+) -> float:
+    """Analytic forward FLOPs of one example of ``seq_len`` tokens (no padding), head included."""
+    if sparse:
+        ffn = sparse_ffn_flops(dims, num_experts, k, lora_rank if ffn_lora else 0)
+    else:
+        ffn = dense_ffn_flops(dims, lora_rank, ffn_lora)
+    per_token = dims.num_layers * (attention_flops(dims, seq_len, lora_rank) + ffn)
+    head = 2.0 * dims.hidden * dims.num_labels
+    return seq_len * per_token + head
+
+
+def _inplace_addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    """``C.addmm_(A, B)``: the same product as ``addmm``, which is all the counter registers."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def measure_flops(fn: Callable[[], object]) -> int:
+    """Matrix-product FLOPs that ``fn()`` performs, counted by ``FlopCounterMode``.
+
+    The kernels accumulate LoRA products in place (``addmm_``), an overload the counter's
+    registry lacks, so it is added here with the ``addmm`` formula.
+    """
+    mapping = {torch.ops.aten.addmm_: _inplace_addmm_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return int(counter.get_total_flops())

@@ -1,0 +1,104 @@
+"""Top-K routing with Dynamic Modulated Routing (DMR), unit gates, and the routing losses.
+
+Everything here works on one layer's router logits ``s`` of shape ``[tokens, M]`` and is
+pure torch, so the layer, the tests and the benchmark all share exactly one definition of
+the mechanism in DESIGN.md section 3:
+
+- candidates ``T(x)`` = the top ``N_p`` experts of ``s`` with ``N_p = min(M, ceil(np_ratio * K))``;
+- modulated logits ``m = s + kappa * phi`` on ``T(x)`` only (``m = s`` without DMR);
+- ``p = softmax(m)`` and the active set ``A(x)`` = the top ``K`` of ``m``;
+- gates ``g = 1 + p - stopgrad(p)``: value exactly 1, so cutting a dense FFN into experts
+  and running all of them reproduces the FFN, while the router still gets a gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Routing:
+    """The routing decision of one layer for a flat batch of tokens."""
+
+    logits: torch.Tensor  # [N, M] modulated logits m (equal to s without DMR)
+    probs: torch.Tensor  # [N, M] softmax(m), differentiable
+    experts: torch.Tensor  # [N, K] indices of the active experts, best first
+    active: torch.Tensor  # [N, M] bool, True where expert i is in A(x)
+
+
+def num_candidates(k: int, num_experts: int, np_ratio: float) -> int:
+    """``N_p = min(M, ceil(np_ratio * K))``, never below ``K`` (the active set lies inside it)."""
+    return max(k, min(num_experts, math.ceil(np_ratio * k)))
+
+
+def modulate(logits: torch.Tensor, phi: torch.Tensor, kappa: float, n_candidates: int) -> torch.Tensor:
+    """DMR: add ``kappa * phi`` to the logits of each token's top ``n_candidates`` experts.
+
+    Restricting the modulation to the candidates keeps phi from pulling an expert that the
+    router considers irrelevant for a token into its active set: phi only re-ranks experts
+    the router already finds plausible.
+    """
+    shifted = logits + kappa * phi
+    num_experts = logits.shape[-1]
+    if n_candidates >= num_experts:
+        return shifted
+    candidates = logits.detach().topk(n_candidates, dim=-1).indices
+    in_candidates = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, candidates, True)
+    return torch.where(in_candidates, shifted, logits)
+
+
+def route(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    phi: torch.Tensor | None = None,
+    kappa: float = 1.0,
+    np_ratio: float = 2.0,
+) -> Routing:
+    """Top-``k`` routing of ``logits`` [N, M], modulated by ``phi`` [M] when it is given (DMR on)."""
+    num_experts = logits.shape[-1]
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k={k} must lie in [1, {num_experts}]")
+    if phi is not None:
+        logits = modulate(logits, phi, kappa, num_candidates(k, num_experts, np_ratio))
+    probs = torch.softmax(logits, dim=-1)
+    if k == num_experts:
+        experts = torch.arange(num_experts, device=logits.device).expand(logits.shape[0], num_experts)
+        active = torch.ones_like(logits, dtype=torch.bool)
+    else:
+        experts = logits.detach().topk(k, dim=-1).indices
+        active = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, experts, True)
+    return Routing(logits=logits, probs=probs, experts=experts, active=active)
+
+
+def unit_gates(probs: torch.Tensor) -> torch.Tensor:
+    """``1 + p - stopgrad(p)``: forward value exactly 1, gradient that of ``p``.
+
+    ``p - p.detach()`` is exactly zero in IEEE arithmetic for finite ``p``, so the gate
+    multiplies by one bit-for-bit; the backward pass still carries ``dL/dg`` into the router.
+    """
+    return 1.0 + (probs - probs.detach())
+
+
+def range_penalty(phi: torch.Tensor, phi_min: float, phi_max: float, weight: float) -> torch.Tensor:
+    """``weight * (||relu(phi_min - phi)||^2 + ||relu(phi - phi_max)||^2)``: zero inside the range."""
+    below = torch.relu(phi_min - phi)
+    above = torch.relu(phi - phi_max)
+    return weight * (below.square().sum() + above.square().sum())
+
+
+def switch_balance_loss(probs: torch.Tensor, expert_counts: torch.Tensor, k: int) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss ``M * sum_i f_i * P_i`` (1 at perfect balance).
+
+    ``f_i`` is the fraction of the ``N * K`` assignments that went to expert ``i`` (no
+    gradient), ``P_i`` the mean router probability of expert ``i`` over the ``N`` tokens.
+    """
+    num_tokens, num_experts = probs.shape
+    if num_tokens == 0:
+        return probs.sum() * 0.0
+    fraction = expert_counts.to(probs.dtype) / float(num_tokens * k)
+    mean_prob = probs.mean(dim=0)
+    return num_experts * (fraction * mean_prob).sum()
