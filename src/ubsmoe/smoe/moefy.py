@@ -176,6 +176,9 @@ def moefy_layer(
     )  # fmt: skip
     if router_init == "centroid":
         block.router.weight.copy_(centroid_router(w1[perm], num_experts))
+    # Which original neuron each row of the experts is: what an export needs to rebuild the
+    # experts from the backbone alone (not saved with the module's state: it is fixed).
+    block.register_buffer("neuron_order", perm.clone(), persistent=False)
     block.to(first.weight.device)
     layer.intermediate = block
     layer.output.dense = nn.Identity()
