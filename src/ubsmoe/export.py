@@ -96,6 +96,10 @@ def _load_run(run_dir: Path) -> _Run:
     if not checkpoint_path.is_file():
         raise ConfigError("run_dir", str(run_dir), f"a run directory with a checkpoint ({CHECKPOINT_FILE})")
     tiers = validate(cfg)
+    if cfg.data.get("custom"):
+        from ubsmoe.data.user_task import user_task
+
+        user_task(cfg.data.task, OmegaConf.to_container(cfg.data.custom, resolve=True))  # registers it
     task = get_task(cfg.data.task)
     model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
     init_seed = derive_seed(cfg.seed, "init")
@@ -171,7 +175,7 @@ def export_tier(run: _Run, tier_index: int, out: Path) -> Path:
         "format": FORMAT,
         "backbone": run.module.model_settings.backbone,
         "task": {"name": run.task.name, "label_names": list(run.task.label_names), "num_labels": run.task.num_labels,
-                 "text_fields": list(run.task.text_fields)},
+                 "text_fields": list(run.task.text_fields), "main_metric": run.task.main_metric},
         "tier": {"name": tier.name, "beta": tier.beta, "index": tier_index, "k": spec.k, "rank": spec.rank},
         "num_tiers": len(run.tier_specs),
         "model": dataclasses.asdict(run.module.model_settings),
@@ -248,7 +252,7 @@ def load_exported(path: str | Path) -> ExportedModel:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from ubsmoe.data.glue import build_metrics, get_task
+    from ubsmoe.data.glue import TASKS, GlueTask, build_metrics
     from ubsmoe.model import FederatedClassifier, resolve_backbone_path
     from ubsmoe.settings import MethodSettings, ModelSettings
 
@@ -264,7 +268,11 @@ def load_exported(path: str | Path) -> ExportedModel:
             raise ConfigError("export", str(root / name), "the file the manifest lists, unchanged (checksum differs)")
     model = _settings_from_dict(ModelSettings, manifest["model"])
     method = _settings_from_dict(MethodSettings, manifest["method"])
-    task = get_task(manifest["task"]["name"])
+    info = manifest["task"]
+    task = TASKS.get(info["name"]) or GlueTask(  # a user task (data.custom) is described by the manifest
+        info["name"], tuple(info["text_fields"]), info["num_labels"], tuple(info["label_names"]), ("validation",),
+        info["main_metric"],
+    )
     module = FederatedClassifier(model=model, method=method, num_labels=task.num_labels, metrics=build_metrics(task),
                                  num_tiers=manifest["num_tiers"], init_seed=manifest["init_seed"])  # fmt: skip
     tensors = load_file(str(root / WEIGHTS))

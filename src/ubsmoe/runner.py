@@ -20,6 +20,7 @@ from ubsmoe.config import method_settings, model_settings, validate
 from ubsmoe.data.datamodule import build_federated_data
 from ubsmoe.data.glue import build_metrics, get_task, resolve_local_dir
 from ubsmoe.data.report import partition_report
+from ubsmoe.data.user_task import prepare_user_data
 from ubsmoe.fl.backends import build_backend
 from ubsmoe.fl.checkpoint import check_fingerprint, load_checkpoint, resolve_resume
 from ubsmoe.fl.client import make_client_specs, make_tier_specs
@@ -119,6 +120,11 @@ def run_experiment(cfg: DictConfig) -> float | None:
     """Validate, build and run; return the mean over tiers of the task's main metric (last evaluation)."""
     console = RunConsole()
     tiers = validate(cfg)
+    local_dir = cfg.data.local_dir
+    if cfg.data.get("custom"):
+        custom = OmegaConf.to_container(cfg.data.custom, resolve=True)
+        assert isinstance(custom, dict)
+        _, local_dir = prepare_user_data(cfg.data.task, custom, cfg.paths.cache_dir)
     task = get_task(cfg.data.task)
     model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
     output_dir = output_dir_of(cfg)
@@ -134,7 +140,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     backbone_path = resolve_backbone_path(model_cfg.backbone)
     data = build_federated_data(
         task=cfg.data.task,
-        local_dir=cfg.data.local_dir,
+        local_dir=local_dir,
         tokenizer_path=backbone_path,
         max_length=cfg.data.max_length,
         num_clients=cfg.federation.num_clients,
