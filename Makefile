@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install train smoke test bench compare sweep plots clean
+.PHONY: help install train smoke test bench compare sweep plots notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -44,6 +44,10 @@ sweep: $(STAMP) ## create a W&B grid sweep (SWEEP=ablation|methods), then run th
 
 plots: $(STAMP) ## PNGs from run directories: make plots RUNS="logs/runs/..."
 	$(PY) -m ubsmoe.plots $(RUNS) $(ARGS)
+
+notebooks: $(STAMP) ## open notebooks/ in JupyterLab (installs the notebooks extra the first time)
+	@test -x $(VENV)/bin/jupyter || $(VENV)/bin/pip install --quiet -e ".[dev,notebooks]"
+	$(VENV)/bin/jupyter lab notebooks/
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf logs/runs logs/multiruns logs/bench .cache .pytest_cache
