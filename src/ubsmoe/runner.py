@@ -77,7 +77,7 @@ def resume_command(output_dir: Path) -> str:
             o for o in HydraConfig.get().overrides.task
             if o.split("=", 1)[0].lstrip("+~") not in ("resume", "paths.output_dir")
         ]  # fmt: skip
-        script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "src/train.py"
+        script = str(Path(sys.argv[0]).resolve()) if sys.argv and sys.argv[0].endswith(".py") else "src/train.py"
     else:  # called from Python: the caller's overrides are not known
         overrides, script = ["<the run's other overrides>"], "src/train.py"
     return shlex.join([sys.executable, script, *overrides, f"paths.output_dir={output_dir}", "resume=true"])
