@@ -128,6 +128,8 @@ def test_screen_results_keeps_good_updates_and_records_the_rest() -> None:
     assert [u.spec.client_id for u in good] == [1]
     assert [(d.round, d.client, d.kind) for d in dropped] == [(5, 2, "error"), (5, 3, "nonfinite"), (5, 4, "error")]
     assert dropped[0].tier == "t0" and "boom" in dropped[0].reason
+    impostor = good_update(6)
+    assert screen_results([job(1)], [ClientResult(1, impostor)], round_number=1)[1][0].kind == "invalid"
     timeout = ClientResult(1, None, error="timeout: no reply within federation.round_timeout=5s")
     assert screen_results([job(1)], [timeout], round_number=1)[1][0].kind == "timeout"
 

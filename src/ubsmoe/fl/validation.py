@@ -119,8 +119,13 @@ def screen_results(
             rejection = Rejection(error_kind(error), error)
         else:
             rejection = validate_update(result.update, job.payload, max_update_norm=max_update_norm)
+            claimed = getattr(getattr(result.update, "spec", None), "client_id", None)
+            if rejection is None and claimed != job.client_id:
+                rejection = Rejection("invalid", f"the reply claims to come from client {claimed}")
         if rejection is None:
             assert result is not None and result.update is not None
+            # the server's own record of whom it asked, with which tier, K and rank, is what counts
+            result.update.spec = job.spec
             good.append(result.update)
         else:
             dropped.append(
