@@ -34,7 +34,7 @@ from ubsmoe.config import Tier
 from ubsmoe.errors import ConfigError
 from ubsmoe.fl.backends import ClientBackend, ClientJob, LocalBackend
 from ubsmoe.fl.checkpoint import CHECKPOINT_DIR, CheckpointStore, SignalGuard, pause_for_test
-from ubsmoe.fl.client import ClientSpec, ClientUpdate, load_payload
+from ubsmoe.fl.client import ClientSpec, load_payload
 from ubsmoe.fl.faults import DroppedClient, FaultLog, FaultPolicy
 from ubsmoe.fl.server import ClientSampler, ServerState, aggregate_utilization, owning_layer
 from ubsmoe.fl.strategies.base import Strategy
