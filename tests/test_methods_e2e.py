@@ -51,6 +51,9 @@ def test_method_runs_two_rounds_on_every_tier(method_runs: dict[str, Path], meth
         (rnd, tier) for rnd in (1, 2) for tier in ("t25", "t50", "t75", "t100")
     ]
     assert all(r["evaluated"] and r["method"] == method for r in rows)
+    # without injected faults every reply passes the server's checks (keys, shapes, dtypes, finite)
+    assert all(r["dropped_clients"] == 0 and not r["skipped"] for r in rows)
+    assert (method_runs[method] / "faults.jsonl").read_text() == ""
     final = rows[-4:]
     if method in ("ubsmoe", "smoe", "smoe_llb", "flame"):
         assert [r["k"] for r in final] == [2, 4, 6, 8]

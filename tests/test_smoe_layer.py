@@ -136,6 +136,9 @@ def test_route_topk_and_candidates():
     # with N_p = 2 (np_ratio 1), expert 2 is not a candidate and phi cannot pull it in
     r = route(logits, 2, phi=torch.tensor([0.0, 0.0, 5.0, 0.0]), kappa=1.0, np_ratio=1.0)
     assert sorted(r.experts.tolist()[0]) == [0, 1]
+    # ... nor can pushing a candidate below it let it in (found by test_properties)
+    r = route(logits, 2, phi=torch.tensor([0.0, -5.0, 0.0, 0.0]), kappa=1.0, np_ratio=1.0)
+    assert sorted(r.experts.tolist()[0]) == [0, 1]
     assert num_candidates(2, 8, 2.0) == 4 and num_candidates(3, 8, 2.0) == 6 and num_candidates(6, 8, 2.0) == 8
     with pytest.raises(ValueError):
         route(logits, 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -26,6 +26,9 @@ from ubsmoe.settings import (
     PGSettings,
     SelfPruningSettings,
 )
+
+if TYPE_CHECKING:
+    from ubsmoe.fl.faults import FaultPolicy
 
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -208,6 +211,7 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_float(cfg, "federation.dirichlet_alpha", 0.0, low_open=True)
     _require_int(cfg, "federation.min_client_size", 1)
     _require_int(cfg, "federation.eval_every", 1)
+    _validate_faults(cfg, per_round)
 
     _require_choice(cfg, "logger.name", LOGGERS)
     if _get(cfg, "logger.name") == "wandb":
@@ -218,6 +222,7 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_choice(cfg, "backend.name", tuple(BACKENDS))
     for key in ("dmr", "expert_stats", "metrics_writer", "checkpoint"):
         _require_bool(cfg, f"callbacks.{key}")
+    _require_int(cfg, "checkpoint.keep", 1)
 
     resume = _get(cfg, "resume")
     if resume is not None and not isinstance(resume, bool) and not Path(str(resume)).exists():
@@ -226,6 +231,46 @@ def validate(cfg: DictConfig) -> list[Tier]:
         raise ConfigError("resume", resume, "null, true or a checkpoint path (false is spelled null)")
 
     return parse_tiers(_get(cfg, "tiers"))
+
+
+def _validate_faults(cfg: DictConfig, per_round: int) -> None:
+    """``federation.{min_replies, max_update_norm, round_timeout}`` and ``federation.faults.*``."""
+    from ubsmoe.fl.faults import FAULT_KINDS
+
+    _require_int(cfg, "federation.min_replies", 1, per_round)
+    for key in ("federation.max_update_norm", "federation.round_timeout"):
+        if _get(cfg, key) is not None:
+            _require_float(cfg, key, 0.0, low_open=True)
+    faults = _get(cfg, "federation.faults")
+    allowed = {*FAULT_KINDS, "straggler_delay"}
+    if not isinstance(faults, (dict, DictConfig)):
+        raise ConfigError("federation.faults", faults, f"a mapping with the keys {sorted(allowed)}")
+    unknown = sorted(set(faults.keys()) - allowed)
+    if unknown:
+        raise ConfigError(f"federation.faults.{unknown[0]}", faults[unknown[0]], f"a key among {sorted(allowed)}")
+    total = sum(_require_float(cfg, f"federation.faults.{kind}", 0.0, 1.0) for kind in FAULT_KINDS)
+    if total > 1.0 + 1e-9:
+        raise ConfigError(
+            "federation.faults", {k: faults[k] for k in FAULT_KINDS}, f"probabilities that sum to at most 1 (they sum to {total:g})"
+        )
+    _require_float(cfg, "federation.faults.straggler_delay", 0.0)
+
+
+def fault_policy(cfg: DictConfig) -> FaultPolicy:
+    """The validated fault settings of ``federation`` as a :class:`~ubsmoe.fl.faults.FaultPolicy`."""
+    from ubsmoe.fl.faults import FAULT_KINDS, FaultInjection, FaultPolicy
+
+    fed = cfg.federation
+    injection = FaultInjection(
+        **{kind: float(fed.faults[kind]) for kind in FAULT_KINDS},
+        straggler_delay=float(fed.faults.straggler_delay),
+    )
+    return FaultPolicy(
+        injection=injection,
+        min_replies=int(fed.min_replies),
+        max_update_norm=None if fed.max_update_norm is None else float(fed.max_update_norm),
+        round_timeout=None if fed.round_timeout is None else float(fed.round_timeout),
+    )
 
 
 def model_settings(cfg: DictConfig) -> ModelSettings:

@@ -9,20 +9,28 @@ and training starts.
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ubsmoe.config import fault_policy, method_settings, model_settings, validate
 from ubsmoe.console import RunConsole
-from ubsmoe.config import method_settings, model_settings, validate
 from ubsmoe.data.datamodule import build_federated_data
 from ubsmoe.data.glue import build_metrics, get_task, resolve_local_dir
 from ubsmoe.data.report import partition_report
 from ubsmoe.data.user_task import prepare_user_data
 from ubsmoe.fl.backends import build_backend
-from ubsmoe.fl.checkpoint import check_fingerprint, load_checkpoint, resolve_resume
+from ubsmoe.fl.checkpoint import (
+    RunInterrupted,
+    check_fingerprint,
+    load_checkpoint,
+    print_interrupted,
+    resolve_resume,
+)
 from ubsmoe.fl.client import make_client_specs, make_tier_specs
 from ubsmoe.fl.loop import FederatedLoop
 from ubsmoe.fl.server import ClientSampler
@@ -59,6 +67,21 @@ def output_dir_of(cfg: DictConfig) -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(cfg.paths.output_dir)
+
+
+def resume_command(output_dir: Path) -> str:
+    """The exact command that continues this run: its own overrides, its run directory, ``resume=true``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        overrides = [
+            o for o in HydraConfig.get().overrides.task
+            if o.split("=", 1)[0].lstrip("+~") not in ("resume", "paths.output_dir")
+        ]  # fmt: skip
+        script = str(Path(sys.argv[0]).resolve()) if sys.argv and sys.argv[0].endswith(".py") else "src/train.py"
+    else:  # called from Python: the caller's overrides are not known
+        overrides, script = ["<the run's other overrides>"], "src/train.py"
+    return shlex.join([sys.executable, script, *overrides, f"paths.output_dir={output_dir}", "resume=true"])
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Any]:
@@ -128,7 +151,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     task = get_task(cfg.data.task)
     model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
     output_dir = output_dir_of(cfg)
-    resume_path = resolve_resume(cfg.resume, output_dir)
+    resume_path = resolve_resume(cfg.resume, output_dir, warn=lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     fingerprint = run_fingerprint(cfg)
     if checkpoint is not None:
@@ -219,11 +242,18 @@ def run_experiment(cfg: DictConfig) -> float | None:
         checkpoint=cfg.callbacks.checkpoint,
         fingerprint=fingerprint,
         backend=build_backend(**OmegaConf.to_container(cfg.backend, resolve=True)),
+        faults=fault_policy(cfg),
+        checkpoint_keep=cfg.checkpoint.keep,
     )
     if checkpoint is not None:
         loop.load_state_dict(checkpoint)
+        loop.last_checkpoint = resume_path
         console.print(f"resumed from {resume_path} at round {loop.server.round}")
-    evaluation = loop.run()
+    try:
+        evaluation = loop.run()
+    except RunInterrupted as err:
+        print_interrupted(err, loop.last_checkpoint, resume_command(output_dir))
+        raise SystemExit(128 + err.signum) from None
     for logger in fabric.loggers:
         logger.finalize("success")
     console.rule(f"[bold]{cfg.run_name}[/bold] done: {output_dir}")

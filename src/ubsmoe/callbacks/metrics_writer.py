@@ -3,7 +3,9 @@
 ``metrics.jsonl``: one record per round and tier (round, tier, beta, K, rank, task
 metrics when the round was evaluated, train loss of the tier's clients, FLOPs per
 example, per-layer expert-utilization entropy and coefficient of variation, bytes sent
-and received, wall time). ``experts.jsonl``: one record per round with the aggregated
+and received, wall time, the tier's clients dropped from the round as faulty
+(``dropped_clients``; their reasons are in ``faults.jsonl``) and whether the whole round was
+``skipped`` for lack of good replies). ``experts.jsonl``: one record per round with the aggregated
 training utilization and phi per layer, and each tier's evaluation utilization.
 The same scalars go to the Fabric loggers (W&B, CSV).
 
@@ -99,6 +101,8 @@ class MetricsWriter:
                     "main_metric": ev.main_metric if ev else None,
                     "train_loss": sum(u.train_loss for u in updates) / n_updates if n_updates else None,
                     "num_clients": n_updates,
+                    "dropped_clients": sum(1 for d in summary.dropped if d.tier == tier.name),
+                    "skipped": summary.skipped,
                     "flops_per_example": flops,
                     "flops_ratio_to_dense": round(flops / loop.dense_flops_per_example, 6),
                     "expert_entropy": [expert_entropy(u) for u in ev.utilization.values()] if ev else None,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ubsmoe.config import Tier
+from ubsmoe.fl.faults import FaultInjection, InjectedFailure, NonFiniteLoss, inject_bad_shape, inject_nonfinite
 from ubsmoe.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class ClientUpdate:
     num_steps: int
     bytes_received: int = 0  # server -> client (set by the loop through the strategy's accounting)
     bytes_sent: int = 0  # client -> server
+    simulated_delay: float = 0.0  # seconds a (simulated) straggler declares on top of its real time
 
     def expert_tokens(self, layer: str) -> torch.Tensor:
         return self.telemetry[layer]["expert_tokens"]
@@ -128,11 +130,16 @@ def train_client(
     local_epochs: int | None,
     seed: int,
     regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    faults: FaultInjection | None = None,
 ) -> ClientUpdate:
     """Local training of one client on the shared module; returns its update.
 
     ``regularizer`` is a method's client-side loss term (HetLoRA's self-pruning penalty).
+    ``faults`` injects this client's seeded fault of the round, if any (:mod:`ubsmoe.fl.faults`).
+    A non-finite loss stops training with :class:`~ubsmoe.fl.faults.NonFiniteLoss`: the
+    client reports the failure instead of sending garbage.
     """
+    fault = faults.draw(seed, round_idx, spec.client_id) if faults is not None else None
     load_payload(module, spec, payload)
     module.reset_telemetry()
     module.train()
@@ -148,14 +155,19 @@ def train_client(
             loss = module.training_step(batch, step)
             if regularizer is not None:
                 loss = loss + regularizer(module)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"client {spec.client_id}: local loss {value} at step {step}; training stopped")
         fabric.backward(loss)
         module.on_after_backward()
         optimizer.step()
-        total_loss += float(loss.detach())
+        total_loss += value
         steps += 1
+        if fault == "fail":
+            raise InjectedFailure(f"client {spec.client_id}: injected failure after local step {step}")
     state = module.trainable_state()
     pg_defaults = module.pg_defaults()
-    return ClientUpdate(
+    update = ClientUpdate(
         spec=spec,
         state=state,
         num_examples=data.num_examples,
@@ -164,6 +176,15 @@ def train_client(
         train_loss=total_loss / max(steps, 1),
         num_steps=steps,
     )
+    if fault is not None and faults is not None:
+        rng = faults.detail_rng(seed, round_idx, spec.client_id)
+        if fault == "nonfinite":
+            inject_nonfinite(update.state, rng)
+        elif fault == "bad_shape":
+            inject_bad_shape(update.state, rng)
+        elif fault == "straggler":
+            update.simulated_delay = faults.straggler_delay
+    return update
 
 
 def load_payload(module: FederatedClassifier, spec: ClientSpec, payload: ClientPayload) -> None:

@@ -5,11 +5,14 @@ One round, as DESIGN.md section 2 lays it out:
 1. the sampler picks ``clients_per_round`` clients; the strategy shapes each one's payload;
 2. the backend trains the sampled clients (``backend=local``: one after another on the one
    shared module, :func:`~ubsmoe.fl.client.train_client`) and returns results by client id;
-3. the strategy aggregates the updates into the server state;
+   every reply is checked against what its client was sent (:mod:`ubsmoe.fl.validation`):
+   failed, timed-out, non-finite or malformed ones are dropped and logged to ``faults.jsonl``;
+3. the strategy aggregates the good updates into the server state (with fewer than
+   ``federation.min_replies`` of them the round is skipped: state, phi and PG defaults stay);
 4. ``fabric.call("on_aggregate_end")``: the DMR callback updates phi;
 5. every ``eval_every`` rounds (and the last) the global model is evaluated once per tier;
 6. ``fabric.call("on_round_end")``: metrics files, console table, W&B expert statistics;
-7. the full state is checkpointed atomically.
+7. the state is checkpointed atomically (SIGTERM / Ctrl-C wait for a write in progress).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +31,15 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ubsmoe.config import Tier
-from ubsmoe.fl.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from ubsmoe.errors import ConfigError
 from ubsmoe.fl.backends import ClientBackend, ClientJob, LocalBackend
-from ubsmoe.fl.client import ClientSpec, ClientUpdate, load_payload
+from ubsmoe.fl.checkpoint import CHECKPOINT_DIR, CheckpointStore, SignalGuard, pause_for_test
+from ubsmoe.fl.client import ClientSpec, load_payload
+from ubsmoe.fl.faults import DroppedClient, FaultLog, FaultPolicy
 from ubsmoe.fl.server import ClientSampler, ServerState, aggregate_utilization, owning_layer
 from ubsmoe.fl.strategies.base import Strategy
 from ubsmoe.fl.summary import RoundSummary, TierEvaluation
+from ubsmoe.fl.validation import screen_results
 from ubsmoe.smoe.flops import flops_per_example
 
 if TYPE_CHECKING:
@@ -66,6 +73,8 @@ class FederatedLoop:
         fingerprint: dict[str, Any],
         backend: ClientBackend | None = None,
         progress: bool = True,
+        faults: FaultPolicy | None = None,
+        checkpoint_keep: int = 2,
     ) -> None:
         self.fabric = fabric
         self.module = module
@@ -86,6 +95,10 @@ class FederatedLoop:
         self.fingerprint = fingerprint
         self.progress = progress
         self.backend = backend or LocalBackend()
+        self.faults = faults or FaultPolicy()
+        self.fault_log = FaultLog(self.output_dir)
+        self.checkpoints = CheckpointStore(self.output_dir / CHECKPOINT_DIR, keep=checkpoint_keep)
+        self.last_checkpoint: Path | None = None
         self.server = ServerState(round=0, global_state=module.trainable_state(), pg_defaults=module.pg_defaults())
         self.elapsed_before = 0.0  # wall time of the rounds run before a resume
         self.eval_lengths = self._eval_lengths()
@@ -133,23 +146,33 @@ class FederatedLoop:
 
     # ----------------------------------------------------------------------------- rounds
     def run(self) -> dict[str, TierEvaluation] | None:
-        """Run the remaining rounds; return the last per-tier evaluation."""
+        """Run the remaining rounds; return the last per-tier evaluation.
+
+        SIGTERM and Ctrl-C raise :class:`~ubsmoe.fl.checkpoint.RunInterrupted` between
+        checkpoint writes (the round in progress is abandoned; a write in progress finishes).
+        """
         self.fabric.call("on_fit_start", loop=self)
+        self.fault_log.rewrite()
+        self._trim_timings()
+        self.checkpoints.clean_partial()
         self.backend.start(self)
         start = time.perf_counter()
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            disable=not self.progress,
-        ) as bar:
-            rounds_task = bar.add_task("rounds", total=self.rounds, completed=self.server.round)
-            clients_task = bar.add_task("clients", total=self.sampler.per_round)
-            while self.server.round < self.rounds:
-                summary = self.run_round(bar, clients_task, start)
-                bar.update(rounds_task, completed=summary.round)
-        self.backend.close()
+        self._guard = SignalGuard()
+        try:
+            with self._guard, Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                disable=not self.progress,
+            ) as bar:
+                rounds_task = bar.add_task("rounds", total=self.rounds, completed=self.server.round)
+                clients_task = bar.add_task("clients", total=self.sampler.per_round)
+                while self.server.round < self.rounds:
+                    summary = self.run_round(bar, clients_task, start)
+                    bar.update(rounds_task, completed=summary.round)
+        finally:
+            self.backend.close()
         self.fabric.call("on_fit_end", loop=self)
         return self.last_evaluation
 
@@ -165,21 +188,20 @@ class FederatedLoop:
         t0 = time.perf_counter()
         results = self.backend.train_clients(jobs, on_done=lambda _result: bar.advance(clients_task))
         busy = time.perf_counter() - t0
-        failed = [r for r in results if not r.ok]
-        if failed:
-            first = failed[0]
-            raise RuntimeError(f"round {round_idx + 1}: client {first.client_id} failed: {first.error}")
+        pause_for_test("round", round_idx + 1, self.output_dir / f"paused-round-{round_idx + 1}")
+        updates, dropped = screen_results(
+            jobs, results, round_number=round_idx + 1, max_update_norm=self.faults.max_update_norm
+        )
         payloads = {job.client_id: job.payload for job in jobs}
-        updates: list[ClientUpdate] = []
-        for result in results:
-            update = result.update
-            assert update is not None
-            update.bytes_received = self.strategy.payload_bytes(payloads[result.client_id], update.spec)
+        for update in updates:
+            update.bytes_received = self.strategy.payload_bytes(payloads[update.spec.client_id], update.spec)
             update.bytes_sent = self.strategy.update_bytes(update)
-            updates.append(update)
-        self.strategy.aggregate(self.server, updates)
-        self.server.utilization = aggregate_utilization(updates)
-        self.fabric.call("on_aggregate_end", loop=self, round_idx=round_idx, updates=updates)
+        skipped = len(updates) < self.faults.min_replies
+        self._report_faults(bar, round_idx + 1, len(jobs), dropped, skipped)
+        if not skipped:
+            self.strategy.aggregate(self.server, updates)
+            self.server.utilization = aggregate_utilization(updates)
+            self.fabric.call("on_aggregate_end", loop=self, round_idx=round_idx, updates=updates)
         self.server.round = round_idx + 1
 
         evaluation = None
@@ -198,12 +220,48 @@ class FederatedLoop:
             wall_time=self.elapsed_before + time.perf_counter() - start,
             round_seconds=time.perf_counter() - round_start,
             train_eval_seconds=busy,
+            dropped=dropped,
+            skipped=skipped,
         )
         self.fabric.call("on_round_end", loop=self, summary=summary)
         if self.checkpoint:
-            save_checkpoint(self.fabric, self.output_dir / CHECKPOINT_FILE, self.state_dict(summary.wall_time))
+            state = self.state_dict(summary.wall_time)
+            guard = getattr(self, "_guard", None)
+            if guard is not None:
+                with guard.deferred():
+                    self.last_checkpoint = self.checkpoints.save(state, self.server.round)
+            else:
+                self.last_checkpoint = self.checkpoints.save(state, self.server.round)
         self._write_timing(summary, time.perf_counter() - round_start)
         return summary
+
+    def _report_faults(
+        self, bar: Progress, round_number: int, sampled: int, dropped: list[DroppedClient], skipped: bool
+    ) -> None:
+        """faults.jsonl gets the dropped clients; the console says how many and why, and if the round is skipped."""
+        self.fault_log.add(dropped)
+        if dropped:
+            bar.console.print(
+                f"[yellow]round {round_number}: dropped {len(dropped)} of {sampled} client(s)[/yellow]: "
+                + "; ".join(f"client {d.client} ({d.tier}) {d.kind}: {d.reason}" for d in dropped),
+                highlight=False,
+            )
+        if skipped:
+            bar.console.print(
+                f"[red]round {round_number} skipped[/red]: {sampled - len(dropped)} good replies, fewer than "
+                f"federation.min_replies={self.faults.min_replies}; the global state, phi and PG defaults are kept",
+                highlight=False,
+            )
+
+    def _trim_timings(self) -> None:
+        """A resumed run drops the timing records of rounds after its checkpoint (they are run again)."""
+        path = self.output_dir / "timings.jsonl"
+        if not path.is_file():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("round", 0) <= self.server.round]
+        if len(kept) != len(lines):
+            path.write_text("".join(line + "\n" for line in kept))
 
     def _write_timing(self, summary: RoundSummary, total: float) -> None:
         """``timings.jsonl``: where a round's wall time went (local training + evaluation vs the rest)."""
@@ -263,33 +321,81 @@ class FederatedLoop:
         return results
 
     # ----------------------------------------------------------------------------- state
+    def _stateful_callbacks(self) -> list[Any]:
+        """Callbacks whose state is checkpointed.
+
+        Not the LightningModule: Fabric registers it among its callbacks (the same list), and
+        its state_dict is the whole model, frozen backbone included (that made a smoke
+        checkpoint 90 MB); the trainable part is already in the server state.
+        """
+        return [cb for cb in self.callbacks if hasattr(cb, "state_dict") and not isinstance(cb, torch.nn.Module)]
+
+    def backbone_reference(self) -> dict[str, Any]:
+        """What identifies the frozen backbone a checkpoint was trained on (its weights are not stored)."""
+        frozen = [p for p in self.module.parameters() if not p.requires_grad]
+        return {
+            "backbone": str(self.module.model_settings.backbone),
+            "frozen_tensors": len(frozen),
+            "frozen_numel": int(sum(p.numel() for p in frozen)),
+        }
+
     def state_dict(self, wall_time: float) -> dict[str, Any]:
+        """Everything training changes, as tensors and primitive containers (``torch.load(weights_only=True)``)."""
+        numpy_state = np.random.get_state(legacy=False)
         return {
             "fingerprint": self.fingerprint,
+            "backbone": self.backbone_reference(),
             "server": self.server.state_dict(),
             "sampler": self.sampler.state_dict(),
             "strategy": self.strategy.state_dict(),
-            "callbacks": {
-                type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")
-            },
-            "last_evaluation": self.last_evaluation,
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self._stateful_callbacks()},
+            "faults": self.fault_log.state_dict(),
+            "last_evaluation": (
+                None
+                if self.last_evaluation is None
+                else {tier: asdict(ev) for tier, ev in self.last_evaluation.items()}
+            ),
             "wall_time": wall_time,
             "rng": {
                 "python": random.getstate(),
-                "numpy": np.random.get_state(),
+                "numpy": {
+                    "bit_generator": numpy_state["bit_generator"],
+                    "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                    "pos": int(numpy_state["state"]["pos"]),
+                    "has_gauss": int(numpy_state["has_gauss"]),
+                    "gauss": float(numpy_state["gauss"]),
+                },
                 "torch": torch.get_rng_state(),
             },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_backbone, current = state.get("backbone"), self.backbone_reference()
+        if saved_backbone is not None and saved_backbone != current:
+            raise ConfigError(
+                "model.backbone", current["backbone"], f"the backbone the checkpoint was trained on ({saved_backbone})"
+            )
         self.server = ServerState.from_state_dict(state["server"])
         self.sampler.load_state_dict(state["sampler"])
         self.strategy.load_state_dict(state["strategy"])
-        for cb in self.callbacks:
+        for cb in self._stateful_callbacks():
             if hasattr(cb, "load_state_dict") and type(cb).__name__ in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][type(cb).__name__])
-        self.last_evaluation = state["last_evaluation"]
+        self.fault_log.load_state_dict(state.get("faults", {}))
+        evaluation = state["last_evaluation"]
+        self.last_evaluation = (
+            None if evaluation is None else {tier: TierEvaluation(**ev) for tier, ev in evaluation.items()}
+        )
         self.elapsed_before = float(state["wall_time"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        python_state = state["rng"]["python"]
+        random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+        rng = state["rng"]["numpy"]
+        np.random.set_state(
+            {
+                "bit_generator": rng["bit_generator"],
+                "state": {"key": rng["key"].numpy().astype(np.uint32), "pos": rng["pos"]},
+                "has_gauss": rng["has_gauss"],
+                "gauss": rng["gauss"],
+            }
+        )
         torch.set_rng_state(state["rng"]["torch"])

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ubsmoe.fl.client import ClientUpdate
+from ubsmoe.fl.faults import DroppedClient
 
 
 @dataclass
@@ -35,6 +36,8 @@ class RoundSummary:
     wall_time: float  # seconds since the start of this (possibly resumed) run, cumulative
     round_seconds: float
     train_eval_seconds: float  # time inside local training and evaluation this round
+    dropped: list[DroppedClient] = field(default_factory=list)  # replies not aggregated, and why
+    skipped: bool = False  # fewer good replies than federation.min_replies: the global state was kept
 
 
 def expert_entropy(utilization: torch.Tensor) -> float:

@@ -6,7 +6,9 @@ the mechanism in DESIGN.md section 3:
 
 - candidates ``T(x)`` = the top ``N_p`` experts of ``s`` with ``N_p = min(M, ceil(np_ratio * K))``;
 - modulated logits ``m = s + kappa * phi`` on ``T(x)`` only (``m = s`` without DMR);
-- ``p = softmax(m)`` and the active set ``A(x)`` = the top ``K`` of ``m``;
+- ``p = softmax(m)`` and the active set ``A(x)`` = the top ``K`` of ``m`` among the candidates
+  (with DMR; all experts without it), so ``A(x)`` always lies inside ``T(x)``: a negative phi
+  can push a candidate down, but never let a non-candidate in;
 - gates ``g = 1 + p - stopgrad(p)``: value exactly 1, so cutting a dense FFN into experts
   and running all of them reproduces the FFN, while the router still gets a gradient.
 """
@@ -45,9 +47,13 @@ def modulate(logits: torch.Tensor, phi: torch.Tensor, kappa: float, n_candidates
     num_experts = logits.shape[-1]
     if n_candidates >= num_experts:
         return shifted
+    return torch.where(candidate_mask(logits, n_candidates), shifted, logits)
+
+
+def candidate_mask(logits: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """[N, M] bool: True on each token's top ``n_candidates`` experts of the (unmodulated) ``logits``."""
     candidates = logits.detach().topk(n_candidates, dim=-1).indices
-    in_candidates = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, candidates, True)
-    return torch.where(in_candidates, shifted, logits)
+    return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, candidates, True)
 
 
 def route(
@@ -62,14 +68,21 @@ def route(
     num_experts = logits.shape[-1]
     if not 1 <= k <= num_experts:
         raise ValueError(f"k={k} must lie in [1, {num_experts}]")
+    selection_mask = None
     if phi is not None:
-        logits = modulate(logits, phi, kappa, num_candidates(k, num_experts, np_ratio))
+        n_candidates = num_candidates(k, num_experts, np_ratio)
+        if n_candidates < num_experts:
+            selection_mask = candidate_mask(logits, n_candidates)
+        logits = modulate(logits, phi, kappa, n_candidates)
     probs = torch.softmax(logits, dim=-1)
     if k == num_experts:
         experts = torch.arange(num_experts, device=logits.device).expand(logits.shape[0], num_experts)
         active = torch.ones_like(logits, dtype=torch.bool)
     else:
-        experts = logits.detach().topk(k, dim=-1).indices
+        selection = logits.detach()
+        if selection_mask is not None:  # the top K of m among the candidates T(x)
+            selection = selection.masked_fill(~selection_mask, float("-inf"))
+        experts = selection.topk(k, dim=-1).indices
         active = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, experts, True)
     return Routing(logits=logits, probs=probs, experts=experts, active=active)
 
