@@ -147,6 +147,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
         method=method_cfg,
         num_labels=task.num_labels,
         metrics=build_metrics(task),
+        main_metric=task.main_metric,
         num_tiers=len(tiers),
         init_seed=derive_seed(cfg.seed, "init"),
     )
