@@ -171,7 +171,7 @@ class FederatedModel(lightning.LightningModule):
         """
         if self.sparse:
             m = self.model_settings.num_experts
-            k = m if k is None else k
+            k = self.k_max if k is None else k
             if not isinstance(k, int) or not 1 <= k <= m:
                 raise ConfigError("client.k", k, f"an integer in [1, model.num_experts={m}]")
             for block in self.blocks.values():
