@@ -153,8 +153,10 @@ class NativeAdapter(BackboneAdapter):
             extras={"attention_lora_shapes": tuple(shapes), "ffn_lora": bool(lora.ffn), "config": config},
         )
 
-    def forward(self, backbone: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
-        return backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    def forward(self, backbone: nn.Module, batch: dict[str, Any]) -> Any:
+        """Causal-LM output; ``position_ids`` (left-padded rows) and ``logits_to_keep`` pass through."""
+        extra = {k: batch[k] for k in ("position_ids", "logits_to_keep") if k in batch}
+        return backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **extra)
 
     # ------------------------------------------------------------------ FLOPs
     def _per_token(self, built: BuiltBackbone, seq_len: int, *, k: int, lora_rank: int) -> float:

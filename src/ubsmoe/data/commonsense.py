@@ -214,3 +214,116 @@ def load_eval_sets(
                 f"a benchmark with {path} present or a source in data.hub_test_files (has {sorted(hub_test_files)})",
             )  # fmt: skip
     return out
+
+
+# ----------------------------------------------------------------------------- federated data
+@dataclass(frozen=True)
+class CommonsenseSpec:
+    """What the loop and the reports read from ``FederatedData.task`` for a commonsense run."""
+
+    name: str = "commonsense"
+    main_metric: str = "mean_acc"
+    is_regression: bool = False
+
+
+def answer_index(record: dict[str, Any], benchmark: Benchmark, *, key: str, origin: str, index: int) -> int:
+    """Position of the record's ``answer`` among the benchmark's answer words (checked)."""
+    answer = record["answer"].strip()
+    if answer not in benchmark.answer_words:
+        raise ConfigError(
+            key, f"{origin} record {index}", f"'answer' one of {list(benchmark.answer_words)} (got {answer!r})"
+        )
+    return benchmark.answer_words.index(answer)
+
+
+def build_commonsense_data(
+    *,
+    tokenizer: Any,
+    local_dir: str | None,
+    train_source: str,
+    train_benchmarks: Sequence[str],
+    eval_benchmarks: Sequence[str],
+    hub_test_files: dict[str, str],
+    partition_by: str,
+    max_length: int,
+    num_clients: int,
+    partition: str,
+    alpha: float,
+    min_client_size: int,
+    seed: int,
+    batch_size: int,
+    eval_batch_size: int,
+    max_train_examples: int | None,
+    max_eval_examples: int | None,
+) -> Any:
+    """Load, check, subsample, partition and tokenize the commonsense data for ``num_clients`` clients.
+
+    The training mixture is partitioned with the Dirichlet (or iid) partitioner over each
+    record's source benchmark (``partition_by: source``) or answer word (``answer``); the
+    evaluation sets are one left-padded loader per benchmark, in ``eval_benchmarks`` order.
+    Randomness: the subsample, the partition and the batch order each use their own stream
+    derived from ``seed``, as for GLUE.
+    """
+    import datasets
+    import numpy as np
+    from functools import partial
+    from torch.utils.data import DataLoader
+
+    from ubsmoe.data import partition as partitioning
+    from ubsmoe.data.datamodule import ClientDataModule, FederatedData
+    from ubsmoe.seeding import derive_seed
+    from ubsmoe.tasks.instruction import collate_left, collate_right, encode_train, pad_id_of, prompt_ids
+
+    benchmarks = [get_benchmark(name) for name in eval_benchmarks]
+    records = load_train_mixture(source=train_source, local_dir=local_dir, benchmarks=train_benchmarks)
+    eval_sets = load_eval_sets(benchmarks=eval_benchmarks, local_dir=local_dir, hub_test_files=hub_test_files)
+    usable = len(records) if max_train_examples is None else min(len(records), max_train_examples)
+    partitioning.validate_partition_args(
+        method=partition, num_clients=num_clients, alpha=alpha, min_size=min_client_size, num_examples=usable
+    )
+    if max_train_examples is not None and max_train_examples < len(records):
+        order = np.random.default_rng(derive_seed(seed, "subsample")).permutation(len(records))
+        records = [records[i] for i in np.sort(order[:max_train_examples])]
+    labels, label_names = partition_labels(records, partition_by)
+    label_ids = np.asarray(labels, dtype=np.int64)
+    parts = partitioning.partition(
+        label_ids, method=partition, num_clients=num_clients, alpha=alpha, min_size=min_client_size,
+        seed=derive_seed(seed, "partition"),
+    )  # fmt: skip
+
+    pad_id = pad_id_of(tokenizer)
+    encoded = [encode_train(tokenizer, r, max_length) for r in records]
+    train = datasets.Dataset.from_dict(
+        {"input_ids": [e["input_ids"] for e in encoded], "labels": [e["labels"] for e in encoded]}
+    )
+    collate_train = partial(collate_right, pad_id=pad_id)
+    data_seed = derive_seed(seed, "data")
+    clients = [
+        ClientDataModule(
+            client_id, train, indices, collate_fn=collate_train, batch_size=batch_size, data_seed=data_seed,
+            label_ids=label_ids, num_classes=len(label_names),
+        )  # fmt: skip
+        for client_id, indices in enumerate(parts)
+    ]
+    eval_loaders = {}
+    for bench in benchmarks:
+        rows = eval_sets[bench.name]
+        if max_eval_examples is not None:
+            rows = rows[:max_eval_examples]
+        items = [
+            {
+                "input_ids": prompt_ids(tokenizer, r, max_length),
+                "answer_index": answer_index(r, bench, key="data.local_dir", origin=f"{bench.name}/test", index=i),
+            }
+            for i, r in enumerate(rows)
+        ]
+        eval_loaders[bench.name] = DataLoader(
+            items, batch_size=eval_batch_size, shuffle=False, collate_fn=partial(collate_left, pad_id=pad_id)
+        )
+    return FederatedData(
+        task=CommonsenseSpec(),  # type: ignore[arg-type]
+        clients=clients,
+        eval_loaders=eval_loaders,
+        label_counts=np.stack([client.label_counts() for client in clients]),
+        label_names=label_names,
+    )

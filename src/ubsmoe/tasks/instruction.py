@@ -138,7 +138,20 @@ def continuation_ids(tokenizer: Any, prefix: str, word: str) -> tuple[list[int],
     return [], full
 
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (input_ids, attention_mask, position_ids, logits_to_keep) -> logits of the last `logits_to_keep` positions
+LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, attention mask and position ids (0 at each row's first real token)."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, length - len(r) :] = 1
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    return ids, mask, positions
 
 
 @torch.no_grad()
@@ -147,27 +160,24 @@ def score_candidates(
 ) -> torch.Tensor:
     """Summed log-probability of each candidate continuation after each prompt: ``[len(prompts), C]``.
 
-    ``candidates[c] = (context extra, continuation)``; sequences are right-padded and run in one
-    forward pass; only the continuation's tokens are scored.
+    ``candidates[c] = (context extra, continuation)``. The prompt x candidate rows are left-padded
+    so every continuation ends at the last position: the model returns logits for the last
+    ``max continuation + 1`` positions only (a full ``[rows, length, vocab]`` tensor would not fit
+    a GPU for a 50k vocabulary), and only the continuation's tokens are scored.
     """
-    rows, spans = [], []
+    rows, lengths = [], []
     for prompt in prompts:
         for extra, cont in candidates:
-            context = list(prompt) + list(extra)
-            rows.append(context + list(cont))
-            spans.append((len(context), len(cont)))
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    logp = torch.log_softmax(logits_fn(ids, mask).float(), dim=-1)
+            rows.append(list(prompt) + list(extra) + list(cont))
+            lengths.append(len(cont))
+    ids, mask, positions = left_pad(rows, pad_id)
+    keep = max(lengths) + 1
+    logp = torch.log_softmax(logits_fn(ids, mask, positions, keep).float().cpu(), dim=-1)  # [rows, keep, V]
     scores = torch.empty(len(rows), dtype=torch.float64)
-    for i, (start, n) in enumerate(spans):
-        targets = ids[i, start : start + n]
-        positions = torch.arange(start - 1, start + n - 1)
-        scores[i] = logp[i, positions, targets].sum().double()
+    for i, n in enumerate(lengths):
+        targets = ids[i, ids.shape[1] - n :]
+        predicting = torch.arange(keep - n - 1, keep - 1)  # the kept positions whose next token is the target
+        scores[i] = logp[i, predicting, targets].double().sum()
     return scores.reshape(len(prompts), len(candidates))
 
 
@@ -265,9 +275,11 @@ class InstructionTask(Task):
         mask = batch["attention_mask"].bool()
         prompts = [row[m].tolist() for row, m in zip(batch["input_ids"].cpu(), mask.cpu())]
 
-        def logits_fn(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        def logits_fn(ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
             device = batch["input_ids"].device
-            return self.logits(module, {"input_ids": ids.to(device), "attention_mask": attn.to(device)}).cpu()
+            rows = {"input_ids": ids, "attention_mask": attn, "position_ids": positions}
+            rows = {k: v.to(device) for k, v in rows.items()}
+            return self.logits(module, {**rows, "logits_to_keep": keep})
 
         benchmark = batch["benchmark"]
         return score_candidates(logits_fn, prompts, self.candidates(benchmark), self.pad_id).argmax(dim=1)
