@@ -155,29 +155,35 @@ def test_pg_router_signal_and_expert_signal():
     convert(model, lora_rank=2, dmr=False)
     block = model.model.layers[1].mlp
     block.set_k(1)
+    with torch.no_grad():  # B != 0 so that A gets real gradients too
+        block.lora.lora_B1.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
+        block.lora.lora_B2.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
     model.train()
     ids = token_ids()
-    model(ids, labels=ids).loss.backward()  # first step fills D_i for the experts that got tokens
+
+    def step(batch, pg_router):
+        model.zero_grad()
+        block.reset_step()
+        block.options.pg_router = pg_router
+        model(batch, labels=batch).loss.backward()
+        return block.router.weight.grad.clone()
+
+    step(ids, pg_router=True)  # fills D_i for the experts that got tokens
     assert bool(block.pg_default_ready.any())
     assert torch.equal(block.pg_default_ready, block.counters("step")["expert_tokens"] > 0)
-    model.zero_grad()
-    block.options.pg_router = False
-    model(ids, labels=ids).loss.backward()
-    without = block.router.weight.grad.clone()
-    model.zero_grad()
-    block.options.pg_router = True
-    model(ids, labels=ids).loss.backward()
-    with_signal = block.router.weight.grad.clone()
-    assert not torch.allclose(without, with_signal)
+    assert not torch.allclose(step(ids, pg_router=False), step(ids, pg_router=True))
+
+    short = token_ids(batch=1, length=3)  # 3 tokens at K = 1: at most 3 of 8 experts get one
+    step(short, pg_router=True)
     c = block.counters("step")
+    idle = c["expert_tokens"] == 0
+    assert bool(idle.any())
     coefficients = pseudo_gradient_coefficients(
         c["tokens"], c["inactive_mass"], c["active_mass"], c["active_assignments"], block.k, 1.0
     )
     before = [t.grad.clone() for t in block.lora.tensors()]
     add_expert_pseudo_gradients(block.lora.tensors(), c["expert_tokens"], coefficients)
-    idle = c["expert_tokens"] == 0
-    assert bool(idle.any())  # at K = 1 of 8 some experts get no token ...
-    for b, t in zip(before, block.lora.tensors(), strict=True):  # ... and now get a gradient
+    for b, t in zip(before, block.lora.tensors(), strict=True):  # experts without tokens now get a gradient
         assert b[idle].abs().sum() == 0 and t.grad[idle].abs().sum() > 0
 
 
