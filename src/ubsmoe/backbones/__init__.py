@@ -1,5 +1,10 @@
 """Backbone adapters (DESIGN.md section 6): ``moefy`` (dense encoder cut into experts), ``native``
-(a sparse decoder's own experts). ``model.adapter`` picks one by name from :data:`ADAPTERS`."""
+(a sparse decoder's own experts). ``model.adapter`` picks one by name from :data:`ADAPTERS`.
+
+:mod:`ubsmoe.backbones.native` holds ``convert()`` (HF sparse decoder -> UB-SMoE blocks, by
+reference); :mod:`ubsmoe.backbones.tiny` builds tiny random models of each family and an
+offline tokenizer for tests and CPU demos.
+"""
 
 from __future__ import annotations
 

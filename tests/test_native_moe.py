@@ -1,0 +1,248 @@
+"""Native backbone adapter on tiny random OLMoE / Qwen2-MoE / Qwen3-MoE / Mixtral (CPU, offline)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ubsmoe.backbones.native import convert, k_for_beta, native_blocks
+from ubsmoe.backbones.tiny import FAMILIES, tiny_config, tiny_model, tiny_tokenizer
+from ubsmoe.errors import ConfigError
+from ubsmoe.smoe.lora import inject_peft_lora
+from ubsmoe.smoe.native_layer import NativeSparseMoE
+from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, pseudo_gradient_coefficients
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def sharpen_routers(model, seed: int = 5, std: float = 1.0) -> None:
+    """Random routers with decisive logits (the HF init is near-uniform), so K matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, std, generator=g)
+
+
+def token_ids(batch: int = 3, length: int = 9, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 259, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def attention_names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in ATTENTION]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converted_at_top_k_equals_hf_and_shares_storage(family):
+    """K = top_k, phi = 0, LoRA B = 0: the HF logits (<= 1e-5) and greedy tokens; experts by reference."""
+    model = tiny_model(family, seed=1)
+    sharpen_routers(model)
+    ids = token_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    generated = model.generate(ids, max_new_tokens=6, do_sample=False)
+    pointers = {
+        i: (layer.mlp.experts.gate_up_proj.data_ptr(), layer.mlp.experts.down_proj.data_ptr(), layer.mlp.gate.weight.data_ptr())
+        for i, layer in enumerate(model.model.layers)
+    }  # fmt: skip
+
+    assert convert(model, lora_rank=4, generator=torch.Generator().manual_seed(0)) is model
+    blocks = native_blocks(model)
+    assert len(blocks) == len(model.model.layers)
+    for i, layer in enumerate(model.model.layers):
+        block = layer.mlp
+        assert isinstance(block, NativeSparseMoE)
+        assert block.k == block.k_max == model.config.num_experts_per_tok
+        ptrs = (block.experts.gate_up_proj.data_ptr(), block.experts.down_proj.data_ptr(), block.router.weight.data_ptr())
+        assert ptrs == pointers[i]
+    assert (family == "qwen2_moe") == all(b.shared_expert is not None for b in blocks.values())
+    assert model.config.output_router_logits is False
+    with torch.no_grad():
+        got = model(ids).logits
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), generated)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trainable_and_frozen_tensors_get_the_right_gradients(family):
+    model = tiny_model(family, seed=2)
+    sharpen_routers(model)
+    convert(model, lora_rank=4, generator=torch.Generator().manual_seed(0))
+    inject_peft_lora(model, attention_names(model), rank=4, alpha=8, dropout=0.0, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1, generator=g)
+    for name, p in model.named_parameters():  # peft's injection froze everything else, as the model re-groups
+        if "lora_" in name or name.endswith((".router.weight", ".phi")):
+            p.requires_grad_(True)
+    model.train()
+    ids = token_ids()
+    model(ids, labels=ids).loss.backward()
+    for block in native_blocks(model).values():
+        assert block.experts.gate_up_proj.grad is None and not block.experts.gate_up_proj.requires_grad
+        assert block.experts.down_proj.grad is None and not block.experts.down_proj.requires_grad
+        assert block.router.weight.grad is not None and block.router.weight.grad.abs().sum() > 0
+        assert block.phi.grad is not None and block.phi.grad.abs().sum() > 0
+        for t in block.lora.tensors():
+            assert t.grad is not None and t.grad.abs().sum() > 0
+        if block.shared_expert is not None:
+            assert all(p.grad is None for p in block.shared_expert.parameters())
+    attention_lora = [p for n, p in model.named_parameters() if "lora_" in n and "self_attn" in n]
+    assert len(attention_lora) == 2 * len(ATTENTION) * len(model.model.layers)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attention_lora)
+    embeddings = model.get_input_embeddings().weight
+    assert embeddings.grad is None and not embeddings.requires_grad
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_k_below_top_k_runs_k_experts_per_real_token_and_skips_padding(family):
+    model = tiny_model(family, seed=3, num_experts_per_tok=4)
+    sharpen_routers(model)
+    convert(model, lora_rank=2)
+    ids = token_ids(batch=2, length=7)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 4:] = False
+    blocks = native_blocks(model)
+    for k in (1, 3):
+        for block in blocks.values():
+            block.set_k(k)
+            block.token_mask = mask
+            block.reset_telemetry()
+        with torch.no_grad():
+            model(ids, attention_mask=mask.long())
+        for block in blocks.values():
+            c = block.counters("tel")
+            real = int(mask.sum())
+            assert float(c["tokens"]) == real
+            assert float(c["expert_tokens"].sum()) == real * k
+            assert float(c["active_assignments"]) == real * k
+            assert 0 < float(c["active_mass"]) <= real + 1e-9
+            assert torch.allclose(c["active_mass"] + c["inactive_mass"].sum(), torch.tensor(float(real), dtype=torch.float64))
+
+
+def test_block_output_at_k_follows_the_family_gating_rule():
+    """At K < top_k the gates are the top-K softmax probabilities, renormalised iff the config says so."""
+    for family, renormalised in (("olmoe", False), ("qwen3_moe", True), ("mixtral", True)):
+        model = tiny_model(family, seed=4, num_experts_per_tok=4)
+        sharpen_routers(model)
+        layer = model.model.layers[0]
+        experts, router = layer.mlp.experts, layer.mlp.gate
+        convert(model, lora_rank=0, dmr=False)
+        block = layer.mlp
+        block.set_k(2)
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        block.double()
+        with torch.no_grad():
+            y = block(x[None])[0]
+            probs = torch.softmax(x @ router.weight.t(), dim=-1)
+            top, idx = probs.topk(2, dim=-1)
+            if renormalised:
+                top = top / top.sum(-1, keepdim=True)
+            ref = torch.zeros_like(x)
+            for t in range(x.shape[0]):
+                for j in range(2):
+                    e = int(idx[t, j])
+                    gate, up = (experts.gate_up_proj[e] @ x[t]).chunk(2)
+                    ref[t] += top[t, j] * (experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_pg_router_signal_and_expert_signal():
+    """Inactive experts' router rows learn through D_i; the model's PG expert call works on the stacks."""
+    model = tiny_model("olmoe", seed=5)
+    sharpen_routers(model)
+    convert(model, lora_rank=2, dmr=False)
+    block = model.model.layers[1].mlp
+    block.set_k(1)
+    with torch.no_grad():  # B != 0 so that A gets real gradients too
+        block.lora.lora_B1.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
+        block.lora.lora_B2.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    model.train()
+    ids = token_ids()
+
+    def step(batch, pg_router):
+        model.zero_grad()
+        block.reset_step()
+        block.options.pg_router = pg_router
+        model(batch, labels=batch).loss.backward()
+        return block.router.weight.grad.clone()
+
+    step(ids, pg_router=True)  # fills D_i for the experts that got tokens
+    assert bool(block.pg_default_ready.any())
+    assert torch.equal(block.pg_default_ready, block.counters("step")["expert_tokens"] > 0)
+    assert not torch.allclose(step(ids, pg_router=False), step(ids, pg_router=True))
+
+    short = token_ids(batch=1, length=3)  # 3 tokens at K = 1: at most 3 of 8 experts get one
+    step(short, pg_router=True)
+    c = block.counters("step")
+    idle = c["expert_tokens"] == 0
+    assert bool(idle.any())
+    coefficients = pseudo_gradient_coefficients(
+        c["tokens"], c["inactive_mass"], c["active_mass"], c["active_assignments"], block.k, 1.0
+    )
+    before = [t.grad.clone() for t in block.lora.tensors()]
+    add_expert_pseudo_gradients(block.lora.tensors(), c["expert_tokens"], coefficients)
+    for b, t in zip(before, block.lora.tensors(), strict=True):  # experts without tokens now get a gradient
+        assert b[idle].abs().sum() == 0 and t.grad[idle].abs().sum() > 0
+
+
+def test_phi_pulls_a_candidate_expert_into_the_active_set():
+    model = tiny_model("olmoe", seed=6)
+    sharpen_routers(model, std=0.05)
+    convert(model, lora_rank=0, np_ratio=8.0)
+    block = model.model.layers[0].mlp
+    block.set_k(1)
+    with torch.no_grad():
+        block.phi[3] = 50.0
+        block.reset_telemetry()
+        model(token_ids())
+    c = block.counters("tel")
+    assert float(c["expert_tokens"][3]) == float(c["tokens"])
+
+
+def test_k_for_beta():
+    assert [k_for_beta(8, b) for b in (0.25, 0.5, 0.75, 1.0)] == [2, 4, 6, 8]
+    assert k_for_beta(2, 0.25) == 1 and k_for_beta(100, 0.29) == 29
+    with pytest.raises(ConfigError):
+        k_for_beta(8, 0.0)
+
+
+def test_bad_inputs_raise_clear_errors():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+    with pytest.raises(ConfigError, match="model_type"):
+        convert(dense)
+    with pytest.raises(ConfigError, match="model.k_max"):
+        convert(tiny_model("olmoe"), k_max=9)
+    model = convert(tiny_model("mixtral"), k_max=8)
+    block = model.model.layers[0].mlp
+    assert block.k == 2
+    block.set_k(8)
+    with pytest.raises(ValueError, match="k_max=8"):
+        block.set_k(9)
+    with pytest.raises(ValueError):
+        block.set_k(0)
+    block.token_mask = torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="token_mask"):
+        model(token_ids())
+    with pytest.raises(ValueError, match="already converted"):
+        convert(model)
+
+
+def test_tiny_tokenizer_encodes_any_text_and_pads_both_sides():
+    tok = tiny_tokenizer()
+    text = "Below is an instruction. Answer: option2 — naïve café ✓"
+    assert tok.decode(tok(text).input_ids) == text
+    assert len(tok) <= tiny_config("olmoe").vocab_size
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    batch = tok(["ab", "abcd"], padding=True)
+    assert batch.input_ids[0][-2:] == [0, 0]
+    tok.padding_side = "left"
+    batch = tok(["ab", "abcd"], padding=True)
+    assert batch.input_ids[0][:2] == [0, 0] and batch.attention_mask[0] == [0, 0, 1, 1]
+    trained = tiny_tokenizer(["the answer is true", "the answer is false"] * 5, vocab_size=300)
+    again = tiny_tokenizer(["the answer is true", "the answer is false"] * 5, vocab_size=300)
+    assert trained.get_vocab() == again.get_vocab()
+    assert len(trained("the answer is true").input_ids) < len("the answer is true")
