@@ -246,3 +246,33 @@ def test_tiny_tokenizer_encodes_any_text_and_pads_both_sides():
     again = tiny_tokenizer(["the answer is true", "the answer is false"] * 5, vocab_size=300)
     assert trained.get_vocab() == again.get_vocab()
     assert len(trained("the answer is true").input_ids) < len("the answer is true")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_analytic_flops_at_k_equal_flop_counter(family):
+    """Analytic forward FLOPs (attention + router + K SwiGLU experts + shared expert + LoRA) = FlopCounterMode's."""
+    from ubsmoe.backbones.native import decoder_dims
+    from ubsmoe.smoe.flops import decoder_flops_per_token, measure_flops
+
+    model = tiny_model(family, seed=7, num_experts_per_tok=4)
+    sharpen_routers(model)
+    convert(model, lora_rank=4)
+    names = attention_names(model)
+    inject_peft_lora(model, names, rank=4, alpha=8, dropout=0.0)
+    layer0 = {n.split(".")[-1]: m for n, m in model.named_modules() if n in names and ".layers.0." in f".{n}."}
+    shapes = tuple((layer0[t].in_features, layer0[t].out_features) for t in ATTENTION)
+    dims = decoder_dims(model.config, attention_lora=shapes)
+    assert model.config._attn_implementation == "eager"
+    batch, length = 2, 8
+    ids = token_ids(batch=batch, length=length)
+    previous = None
+    for k in (4, 2, 1):
+        for block in native_blocks(model).values():
+            block.set_k(k)
+        with torch.no_grad():
+            measured = measure_flops(lambda: model(ids))
+        analytic = decoder_flops_per_token(dims, length, k=k, lora_rank=4) * batch * length
+        assert measured == analytic
+        if previous is not None:
+            assert analytic < previous
+        previous = analytic
