@@ -311,3 +311,32 @@ def test_kernel_matches_autograd_reference(family):
     torch.testing.assert_close(d0, d1, rtol=1e-12, atol=1e-12)
     for key in c0:
         torch.testing.assert_close(c0[key], c1[key])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memory_estimate_counts_match_the_real_tiny_model(family):
+    """Parameter and adapter counts of the estimate equal the converted tiny model's; the byte arithmetic adds up."""
+    from ubsmoe.backbones.memory import GiB, estimate_memory
+
+    config = tiny_config(family)
+    model = tiny_model(family)
+    total = sum(p.numel() for p in model.parameters())
+    convert(model, lora_rank=4)
+    inject_peft_lora(model, attention_names(model), rank=4, alpha=8, dropout=0.0)
+    params = dict(model.named_parameters())
+    adapters = sum(p.numel() for n, p in params.items() if "lora_" in n or n.endswith(".phi"))
+    routers = sum(p.numel() for n, p in params.items() if n.endswith(".router.weight"))
+
+    est = estimate_memory(config, k=1, lora_rank=4, overhead_gib=0.5)
+    assert est.params_total == total
+    assert est.trainable_adapters == adapters and est.trainable_router == routers
+    layers, experts, h, d = 2, 8, 64, 32
+    assert est.params_active == total - layers * (experts - 1) * 3 * h * d  # K = 1: 7 experts idle per layer
+    assert est.weights_bytes == 2 * total
+    assert est.trainable_bytes == 16 * adapters + 6 * routers
+    budget = 1.0 * GiB
+    fit = est.max_tokens(budget)
+    assert est.total_bytes(fit) <= budget < est.total_bytes(fit + 1)
+    full = estimate_memory(config, lora_rank=4)  # K = top_k = 2
+    assert full.per_token_bytes > est.per_token_bytes
+    assert estimate_memory(config, lora_rank=4, gradient_checkpointing=True).per_token_bytes < full.per_token_bytes
