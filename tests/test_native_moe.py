@@ -340,3 +340,39 @@ def test_memory_estimate_counts_match_the_real_tiny_model(family):
     full = estimate_memory(config, lora_rank=4)  # K = top_k = 2
     assert full.per_token_bytes > est.per_token_bytes
     assert estimate_memory(config, lora_rank=4, gradient_checkpointing=True).per_token_bytes < full.per_token_bytes
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    """The recomputed forward neither double-counts nor re-updates D_i; gradients equal the plain step's."""
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model("qwen2_moe", seed=9, num_experts_per_tok=4)
+        sharpen_routers(model)
+        convert(model, lora_rank=2)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for block in native_blocks(model).values():
+                block.set_k(2)
+                block.lora.lora_B1.normal_(0.0, 0.1, generator=g)
+                block.pg_default.normal_(0.0, 1.0, generator=g)  # earlier rounds' D_i
+                block.pg_default_ready.fill_(True)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        ids = token_ids()
+        model(ids, labels=ids).loss.backward()
+        blocks = native_blocks(model).values()
+        results.append(
+            (
+                [t.grad.clone() for b in blocks for t in (b.router.weight, b.phi, *b.lora.tensors())],
+                [b.pg_default.clone() for b in blocks],
+                [b.counters("step")["expert_tokens"].clone() for b in blocks],
+                [float(b.counters("tel")["tokens"]) for b in blocks],
+            )
+        )
+    (g0, d0, c0, n0), (g1, d1, c1, n1) = results
+    assert n0 == n1 == [27.0, 27.0]
+    for a, b in zip(c0 + d0, c1 + d1, strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -34,6 +34,11 @@ from ubsmoe.smoe.pseudo_grad import expert_mean_outputs, router_signal, update_d
 from ubsmoe.smoe.routing import Routing, modulate, num_candidates, switch_balance_loss
 
 
+def recomputing_in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward now is activation checkpointing's recompute."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class NativeExpertLoRA(nn.Module):
     """Stacked LoRA of ``E`` SwiGLU experts, expert as dim 0, one rank for all.
 
@@ -258,6 +263,7 @@ class NativeSparseMoE(nn.Module):
         self.dispatch = "sorted"  # "sorted" (SwiGLUExperts kernel) | "autograd" (reference, for tests)
         self.token_mask: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
+        self._signal_defaults: torch.Tensor | None = None  # the D_i this step's router signal used
         self.router = router
         self.experts = experts
         self.shared_expert = shared_expert
@@ -389,6 +395,9 @@ class NativeSparseMoE(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, self.hidden_size)
         training = self.training and torch.is_grad_enabled()
+        # Activation checkpointing runs this forward a second time inside backward: that pass
+        # must neither count nor update D_i again, and must see the D_i the first pass used.
+        recompute = training and recomputing_in_backward()
         if self.training and self.rule.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.rule.jitter, 1.0 + self.rule.jitter)
             x = x * noise
@@ -397,12 +406,13 @@ class NativeSparseMoE(nn.Module):
         routing, gates = self.route(x)
         probs = routing.probs
         plan = self.sort_assignments(routing.experts, gates, valid)
-        want_sums = training and self.options.pg_router
+        want_sums = training and self.options.pg_router and not recompute
         y, sums = self.run_experts(x, plan, want_sums)
         inactive = ~routing.active if valid is None else (~routing.active) & valid[:, None]
         if training and self.options.pg_router:
-            # the running mean is updated in place below: the signal uses this step's copy
-            y = router_signal(y, probs.to(y.dtype), inactive, self.pg_default.to(y.dtype))
+            if not recompute or self._signal_defaults is None:
+                self._signal_defaults = self.pg_default.clone()  # D_i is updated in place below
+            y = router_signal(y, probs.to(y.dtype), inactive, self._signal_defaults.to(y.dtype))
         if self.tier_scale is not None:
             y = y * self.tier_scale[self.tier_index].to(y.dtype)
         if self.shared_expert is not None:
@@ -410,9 +420,10 @@ class NativeSparseMoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             y = y + shared
-        if sums is not None:
-            self._update_defaults(sums, plan.counts)
-        self._record(probs, inactive, plan.counts, valid, training)
+        if not recompute:
+            if sums is not None:
+                self._update_defaults(sums, plan.counts)
+            self._record(probs, inactive, plan.counts, valid, training)
         self.aux_loss = None
         if training and self.options.balance_loss:
             self.aux_loss = switch_balance_loss(probs if valid is None else probs[valid], plan.counts, self.k)
