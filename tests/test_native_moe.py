@@ -246,3 +246,133 @@ def test_tiny_tokenizer_encodes_any_text_and_pads_both_sides():
     again = tiny_tokenizer(["the answer is true", "the answer is false"] * 5, vocab_size=300)
     assert trained.get_vocab() == again.get_vocab()
     assert len(trained("the answer is true").input_ids) < len("the answer is true")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_analytic_flops_at_k_equal_flop_counter(family):
+    """Analytic forward FLOPs (attention + router + K SwiGLU experts + shared expert + LoRA) = FlopCounterMode's."""
+    from ubsmoe.backbones.native import decoder_dims
+    from ubsmoe.smoe.flops import decoder_flops_per_token, measure_flops
+
+    model = tiny_model(family, seed=7, num_experts_per_tok=4)
+    sharpen_routers(model)
+    convert(model, lora_rank=4)
+    names = attention_names(model)
+    inject_peft_lora(model, names, rank=4, alpha=8, dropout=0.0)
+    layer0 = {n.split(".")[-1]: m for n, m in model.named_modules() if n in names and ".layers.0." in f".{n}."}
+    shapes = tuple((layer0[t].in_features, layer0[t].out_features) for t in ATTENTION)
+    dims = decoder_dims(model.config, attention_lora=shapes)
+    assert model.config._attn_implementation == "eager"
+    batch, length = 2, 8
+    ids = token_ids(batch=batch, length=length)
+    previous = None
+    for k in (4, 2, 1):
+        for block in native_blocks(model).values():
+            block.set_k(k)
+        with torch.no_grad():
+            measured = measure_flops(lambda: model(ids))
+        analytic = decoder_flops_per_token(dims, length, k=k, lora_rank=4) * batch * length
+        assert measured == analytic
+        if previous is not None:
+            assert analytic < previous
+        previous = analytic
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_kernel_matches_autograd_reference(family):
+    """The hand-written backward gives autograd's values and gradients (x, router, phi, expert LoRA), float64."""
+    results = []
+    for dispatch in ("sorted", "autograd"):
+        model = tiny_model(family, seed=8, num_experts_per_tok=4)
+        sharpen_routers(model)
+        convert(model, lora_rank=3, generator=torch.Generator().manual_seed(0))
+        block = model.model.layers[0].mlp.double()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for t in (*block.lora.tensors(), block.phi, block.pg_default):
+                t.normal_(0.0, 0.5, generator=g)
+            block.pg_default_ready.fill_(True)
+        block.dispatch = dispatch
+        block.set_k(2)
+        block.train()
+        x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True)
+        mask = torch.ones(2, 6, dtype=torch.bool)
+        mask[1, 3:] = False
+        block.token_mask = mask
+        y = block(x)
+        weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+        (y * weight).sum().backward()
+        grads = [x.grad, block.router.weight.grad, block.phi.grad, *(t.grad for t in block.lora.tensors())]
+        results.append((y.detach(), grads, block.pg_default.clone(), block.counters("step")))
+    (y0, g0, d0, c0), (y1, g1, d1, c1) = results
+    torch.testing.assert_close(y0, y1, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(d0, d1, rtol=1e-12, atol=1e-12)
+    for key in c0:
+        torch.testing.assert_close(c0[key], c1[key])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memory_estimate_counts_match_the_real_tiny_model(family):
+    """Parameter and adapter counts of the estimate equal the converted tiny model's; the byte arithmetic adds up."""
+    from ubsmoe.backbones.memory import GiB, estimate_memory
+
+    config = tiny_config(family)
+    model = tiny_model(family)
+    total = sum(p.numel() for p in model.parameters())
+    convert(model, lora_rank=4)
+    inject_peft_lora(model, attention_names(model), rank=4, alpha=8, dropout=0.0)
+    params = dict(model.named_parameters())
+    adapters = sum(p.numel() for n, p in params.items() if "lora_" in n or n.endswith(".phi"))
+    routers = sum(p.numel() for n, p in params.items() if n.endswith(".router.weight"))
+
+    est = estimate_memory(config, k=1, lora_rank=4, overhead_gib=0.5)
+    assert est.params_total == total
+    assert est.trainable_adapters == adapters and est.trainable_router == routers
+    layers, experts, h, d = 2, 8, 64, 32
+    assert est.params_active == total - layers * (experts - 1) * 3 * h * d  # K = 1: 7 experts idle per layer
+    assert est.weights_bytes == 2 * total
+    assert est.trainable_bytes == 16 * adapters + 6 * routers
+    budget = 1.0 * GiB
+    fit = est.max_tokens(budget)
+    assert est.total_bytes(fit) <= budget < est.total_bytes(fit + 1)
+    full = estimate_memory(config, lora_rank=4)  # K = top_k = 2
+    assert full.per_token_bytes > est.per_token_bytes
+    assert estimate_memory(config, lora_rank=4, gradient_checkpointing=True).per_token_bytes < full.per_token_bytes
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    """The recomputed forward neither double-counts nor re-updates D_i; gradients equal the plain step's."""
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model("qwen2_moe", seed=9, num_experts_per_tok=4)
+        sharpen_routers(model)
+        convert(model, lora_rank=2)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for block in native_blocks(model).values():
+                block.set_k(2)
+                block.lora.lora_B1.normal_(0.0, 0.1, generator=g)
+                block.pg_default.normal_(0.0, 1.0, generator=g)  # earlier rounds' D_i
+                block.pg_default_ready.fill_(True)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        ids = token_ids()
+        model(ids, labels=ids).loss.backward()
+        blocks = native_blocks(model).values()
+        results.append(
+            (
+                [t.grad.clone() for b in blocks for t in (b.router.weight, b.phi, *b.lora.tensors())],
+                [b.pg_default.clone() for b in blocks],
+                [b.counters("step")["expert_tokens"].clone() for b in blocks],
+                [float(b.counters("tel")["tokens"]) for b in blocks],
+            )
+        )
+    (g0, d0, c0, n0), (g1, d1, c1, n1) = results
+    assert n0 == n1 == [27.0, 27.0]
+    for a, b in zip(c0 + d0, c1 + d1, strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

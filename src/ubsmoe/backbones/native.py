@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ubsmoe.errors import ConfigError
+from ubsmoe.smoe.flops import DecoderDims
 from ubsmoe.smoe.layer import Activation, MoEOptions
 from ubsmoe.smoe.native_layer import NativeRouting, NativeSparseMoE
 
@@ -66,6 +67,36 @@ def check_native_config(config, k_max: int | None = None, backbone: str | None =
     if k_max is not None and (isinstance(k_max, bool) or not isinstance(k_max, int) or not 1 <= k_max <= e):
         raise ConfigError("model.k_max", k_max, f"null (the model's top-k, {rule.top_k}) or an integer in [1, {e}]")
     return rule
+
+
+def sparse_layer_indices(config) -> list[int]:
+    """Indices of the layers whose MLP is sparse (Qwen's ``mlp_only_layers`` / ``decoder_sparse_step``)."""
+    dense = set(getattr(config, "mlp_only_layers", None) or [])
+    step = int(getattr(config, "decoder_sparse_step", None) or 1)
+    return [i for i in range(int(config.num_hidden_layers)) if i not in dense and (i + 1) % step == 0]
+
+
+def decoder_dims(config, attention_lora: tuple[tuple[int, int], ...] = ()) -> DecoderDims:
+    """The :class:`~ubsmoe.smoe.flops.DecoderDims` of a supported config (no weights needed)."""
+    check_native_config(config)
+    heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+    shared = int(getattr(config, "shared_expert_intermediate_size", None) or 0)
+    return DecoderDims(
+        num_layers=int(config.num_hidden_layers),
+        hidden=int(config.hidden_size),
+        num_heads=heads,
+        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+        head_dim=int(head_dim),
+        vocab=int(config.vocab_size),
+        num_experts=num_experts_of(config),
+        expert_size=int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size),
+        sparse_layers=len(sparse_layer_indices(config)),
+        dense_intermediate=int(config.intermediate_size),
+        shared_expert_size=shared,
+        shared_expert_gate=shared > 0,
+        attention_lora=tuple(attention_lora),
+    )
 
 
 def k_for_beta(k_max: int, beta: float) -> int:

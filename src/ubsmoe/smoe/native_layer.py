@@ -34,6 +34,11 @@ from ubsmoe.smoe.pseudo_grad import expert_mean_outputs, router_signal, update_d
 from ubsmoe.smoe.routing import Routing, modulate, num_candidates, switch_balance_loss
 
 
+def recomputing_in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward now is activation checkpointing's recompute."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class NativeExpertLoRA(nn.Module):
     """Stacked LoRA of ``E`` SwiGLU experts, expert as dim 0, one rank for all.
 
@@ -104,13 +109,112 @@ class SortedAssignments:
     counts: torch.Tensor  # [E] assignments per expert
 
     def segments(self) -> list[tuple[int, int, int]]:
-        """(expert, first row, number of rows) for each expert that received rows."""
-        out, start = [], 0
-        for expert, count in enumerate(self.counts.tolist()):
-            if count:
-                out.append((expert, start, count))
-            start += count
-        return out
+        """(expert, first row, number of rows) for each expert that received rows (computed once)."""
+        cached = getattr(self, "_segments", None)
+        if cached is None:
+            cached, start = [], 0
+            for expert, count in enumerate(self.counts.tolist()):
+                if count:
+                    cached.append((expert, start, count))
+                start += count
+            self._segments = cached
+        return cached
+
+
+class SwiGLUExperts(torch.autograd.Function):
+    """Sorted dispatch of SwiGLU experts with a hand-written backward (the frozen stacks never enter autograd).
+
+    Inputs: ``x [N, h]``; ``gates [A]`` (one per sorted assignment); the four LoRA stacks (or
+    ``None``); the :class:`SortedAssignments`; the frozen ``gate_up [E, 2d, h]`` and
+    ``down [E, h, d]``; the LoRA scaling; the activation; whether to return the per-expert sums
+    of the hidden units. Returns ``y [N, h] = sum_a g_a E_{e_a}(x_{t_a})`` and the sums ``[E, d]``
+    (no gradient). Gradients: ``x``, ``gates`` (``<dL/dy, E_e(x)>``) and the LoRA stacks, the
+    same as :meth:`NativeSparseMoE.run_experts_autograd` computes in autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gates, a1, b1, a2, b2, plan, gate_up, down, scaling, act, want_sums):
+        d = down.shape[2]
+        segments = plan.segments()
+        has_lora = a1 is not None
+        total = plan.tokens.shape[0]
+        xs = x.index_select(0, plan.tokens)
+        gu = x.new_empty(total, 2 * d)
+        xa = x.new_empty(total, a1.shape[1]) if has_lora else None
+        for e, start, count in segments:
+            rows = slice(start, start + count)
+            torch.mm(xs[rows], gate_up[e].t(), out=gu[rows])
+            if has_lora:
+                torch.mm(xs[rows], a1[e].t(), out=xa[rows])
+                gu[rows].addmm_(xa[rows], b1[e].t(), alpha=scaling)
+        g, u = gu[:, :d], gu[:, d:]
+        hidden = act.forward(g) * u
+        out = x.new_empty(total, x.shape[1])
+        ha = x.new_empty(total, a2.shape[1]) if has_lora else None
+        for e, start, count in segments:
+            rows = slice(start, start + count)
+            torch.mm(hidden[rows], down[e].t(), out=out[rows])
+            if has_lora:
+                torch.mm(hidden[rows], a2[e].t(), out=ha[rows])
+                out[rows].addmm_(ha[rows], b2[e].t(), alpha=scaling)
+        y = x.new_zeros(x.shape).index_add_(0, plan.tokens, out * gates[:, None])
+        sums = x.new_zeros(down.shape[0], d)
+        if want_sums:
+            for e, start, count in segments:
+                torch.sum(hidden[start : start + count], dim=0, out=sums[e])
+        ctx.save_for_backward(xs, gu, hidden, out, xa, ha, gates, a1, b1, a2, b2, gate_up, down)
+        ctx.plan = plan
+        ctx.meta = (scaling, act, has_lora, x.shape[0])
+        ctx.mark_non_differentiable(sums)
+        return y, sums
+
+    @staticmethod
+    def backward(ctx, dy, _dsums):
+        xs, gu, hidden, out, xa, ha, gates, a1, b1, a2, b2, gate_up, down = ctx.saved_tensors
+        plan = ctx.plan
+        scaling, act, has_lora, num_tokens = ctx.meta
+        d = down.shape[2]
+        segments = plan.segments()
+        dys = dy.index_select(0, plan.tokens)
+        dgates = (dys * out).sum(1) if ctx.needs_input_grad[1] else None
+        dout = dys * gates[:, None]
+        dhidden = torch.empty_like(hidden)
+        da1 = db1 = da2 = db2 = None
+        if has_lora:
+            da1, da2 = torch.zeros_like(a1), torch.zeros_like(a2)
+            db1_t = torch.zeros(b1.shape[0], b1.shape[2], b1.shape[1], dtype=b1.dtype, device=b1.device)
+            db2_t = torch.zeros(b2.shape[0], b2.shape[2], b2.shape[1], dtype=b2.dtype, device=b2.device)
+        for e, start, count in segments:
+            rows = slice(start, start + count)
+            torch.mm(dout[rows], down[e], out=dhidden[rows])
+            if has_lora:
+                t2 = torch.mm(dout[rows], b2[e])  # [A_e, r]
+                dhidden[rows].addmm_(t2, a2[e], alpha=scaling)
+                torch.mm(t2.t(), hidden[rows], out=da2[e])
+                torch.mm(ha[rows].t(), dout[rows], out=db2_t[e])
+        g, u = gu[:, :d], gu[:, d:]
+        dgu = torch.empty_like(gu)
+        dgu[:, :d] = act.backward(dhidden * u, g)
+        torch.mul(dhidden, act.forward(g), out=dgu[:, d:])
+        dxs = torch.empty_like(xs)
+        for e, start, count in segments:
+            rows = slice(start, start + count)
+            torch.mm(dgu[rows], gate_up[e], out=dxs[rows])
+            if has_lora:
+                t1 = torch.mm(dgu[rows], b1[e])  # [A_e, r]
+                dxs[rows].addmm_(t1, a1[e], alpha=scaling)
+                torch.mm(t1.t(), xs[rows], out=da1[e])
+                torch.mm(xa[rows].t(), dgu[rows], out=db1_t[e])
+        if has_lora:
+            da1.mul_(scaling)
+            da2.mul_(scaling)
+            db1 = db1_t.transpose(1, 2).mul(scaling).contiguous()
+            db2 = db2_t.transpose(1, 2).mul(scaling).contiguous()
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = dxs.new_zeros(num_tokens, dxs.shape[1]).index_add_(0, plan.tokens, dxs)
+        return (dx, dgates, da1, db1, da2, db2) + (None,) * 6
+
 
 
 class NativeSparseMoE(nn.Module):
@@ -156,8 +260,10 @@ class NativeSparseMoE(nn.Module):
         self.k_max = k_max
         self.k = min(rule.top_k, k_max)
         self.tier_index = 0
+        self.dispatch = "sorted"  # "sorted" (SwiGLUExperts kernel) | "autograd" (reference, for tests)
         self.token_mask: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
+        self._signal_defaults: torch.Tensor | None = None  # the D_i this step's router signal used
         self.router = router
         self.experts = experts
         self.shared_expert = shared_expert
@@ -232,12 +338,36 @@ class NativeSparseMoE(nn.Module):
     def run_experts(
         self, x: torch.Tensor, plan: SortedAssignments, want_sums: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``sum_e g_e E_e(x)`` over the plan's assignments ``[N, h]``; per-expert sums of the hidden units."""
+        """``sum_e g_e E_e(x)`` over the plan's assignments ``[N, h]``; per-expert sums of the hidden units.
+
+        Computed in the expert stacks' dtype (the adapters and gates are cast to it), returned in ``x``'s.
+        """
+        if self.dispatch == "autograd":
+            return self.run_experts_autograd(x, plan, want_sums)
+        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+        dtype = gate_up.dtype
+        if self.lora is not None:
+            lora = tuple(t.to(dtype) for t in self.lora.tensors())
+            scaling = self.lora.scaling
+        else:
+            lora, scaling = (None,) * 4, 1.0
+        y, sums = SwiGLUExperts.apply(
+            x.to(dtype), plan.gates.to(dtype), *lora, plan, gate_up.detach(), down.detach(), scaling, self.activation,
+            want_sums,
+        )  # fmt: skip
+        return y.to(x.dtype), (sums if want_sums else None)
+
+    def run_experts_autograd(
+        self, x: torch.Tensor, plan: SortedAssignments, want_sums: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Reference dispatch in plain autograd (same sorted segments): what :class:`SwiGLUExperts` computes."""
         gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
         d = self.expert_size
         lora = self.lora
         if lora is not None:
-            a1, b1, a2, b2 = (t.to(x.dtype) for t in lora.tensors())
+            # unbind once: indexing a stack per expert would make autograd build a full-size
+            # zero gradient for every expert (quadratic in E); unbind's backward stacks once
+            a1, b1, a2, b2 = (t.to(x.dtype).unbind(0) for t in lora.tensors())
             scaling = lora.scaling
         xs = x.index_select(0, plan.tokens)
         outputs = []
@@ -265,6 +395,9 @@ class NativeSparseMoE(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, self.hidden_size)
         training = self.training and torch.is_grad_enabled()
+        # Activation checkpointing runs this forward a second time inside backward: that pass
+        # must neither count nor update D_i again, and must see the D_i the first pass used.
+        recompute = training and recomputing_in_backward()
         if self.training and self.rule.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.rule.jitter, 1.0 + self.rule.jitter)
             x = x * noise
@@ -273,12 +406,13 @@ class NativeSparseMoE(nn.Module):
         routing, gates = self.route(x)
         probs = routing.probs
         plan = self.sort_assignments(routing.experts, gates, valid)
-        want_sums = training and self.options.pg_router
+        want_sums = training and self.options.pg_router and not recompute
         y, sums = self.run_experts(x, plan, want_sums)
         inactive = ~routing.active if valid is None else (~routing.active) & valid[:, None]
         if training and self.options.pg_router:
-            # the running mean is updated in place below: the signal uses this step's copy
-            y = router_signal(y, probs.to(y.dtype), inactive, self.pg_default.to(y.dtype))
+            if not recompute or self._signal_defaults is None:
+                self._signal_defaults = self.pg_default.clone()  # D_i is updated in place below
+            y = router_signal(y, probs.to(y.dtype), inactive, self._signal_defaults.to(y.dtype))
         if self.tier_scale is not None:
             y = y * self.tier_scale[self.tier_index].to(y.dtype)
         if self.shared_expert is not None:
@@ -286,9 +420,10 @@ class NativeSparseMoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             y = y + shared
-        if sums is not None:
-            self._update_defaults(sums, plan.counts)
-        self._record(probs, inactive, plan.counts, valid, training)
+        if not recompute:
+            if sums is not None:
+                self._update_defaults(sums, plan.counts)
+            self._record(probs, inactive, plan.counts, valid, training)
         self.aux_loss = None
         if training and self.options.balance_loss:
             self.aux_loss = switch_balance_loss(probs if valid is None else probs[valid], plan.counts, self.k)
