@@ -16,7 +16,9 @@ from ubsmoe.settings import LoraSettings, MethodSettings, ModelSettings
 from ubsmoe.tasks.instruction import InstructionTask
 
 
-def native_model(family: str = "olmoe", *, sparse: bool = True, k_max: int | None = None) -> FederatedModel:
+def native_model(
+    family: str = "olmoe", *, sparse: bool = True, k_max: int | None = None, checkpointing: bool = False
+) -> FederatedModel:
     task = InstructionTask(
         tokenizer=tiny_tokenizer(),
         answer_patterns={k: b.pattern for k, b in BENCHMARKS.items()},
@@ -24,6 +26,7 @@ def native_model(family: str = "olmoe", *, sparse: bool = True, k_max: int | Non
     )
     settings = ModelSettings(
         name=f"tiny_{family}", backbone=f"tiny:{family}", adapter="native", k_max=k_max,
+        gradient_checkpointing=checkpointing,
         lora=LoraSettings(rank=4, alpha=8, attention_targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
     )  # fmt: skip
     return FederatedModel(
@@ -119,3 +122,24 @@ def test_every_new_config_validates() -> None:
     with pytest.raises(ConfigError) as err:
         validate(compose_config("experiment=smoke", "model=tiny_olmoe"))
     assert err.value.key == "model.adapter"
+
+
+def test_gradient_checkpointing_gives_the_same_step() -> None:
+    tok = tiny_tokenizer()
+    ids = torch.tensor([tok("one two three four five")["input_ids"]] * 2)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    results = []
+    for ckpt in (False, True):
+        model = native_model(checkpointing=ckpt)
+        assert model.backbone.is_activation_checkpointing == ckpt
+        model.train().set_client(k=1)
+        loss = model.training_step(batch, 0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), grads, model.telemetry()))
+    (l0, g0, t0), (l1, g1, t1) = results
+    assert l1 == pytest.approx(l0, rel=1e-6) and set(g1) == set(g0) and len(g0) > 10
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6)
+    for layer in t0:  # the recompute does not count tokens twice
+        assert float(t1[layer]["tokens"]) == float(t0[layer]["tokens"])

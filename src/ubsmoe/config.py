@@ -182,8 +182,9 @@ def validate(cfg: DictConfig) -> list[Tier]:
             raise ConfigError("model.num_experts", _get(cfg, "model.num_experts"), "null for native backbones (E comes from the checkpoint)")
         if _optional(cfg, "model.dtype", "float32") not in MODEL_DTYPES:
             raise ConfigError("model.dtype", _get(cfg, "model.dtype"), f"one of {', '.join(MODEL_DTYPES)}")
-        if not isinstance(_optional(cfg, "model.pretrained", True), bool):
-            raise ConfigError("model.pretrained", _get(cfg, "model.pretrained"), "true or false")
+        for key in ("model.pretrained", "model.gradient_checkpointing"):
+            if not isinstance(_optional(cfg, key, False), bool):
+                raise ConfigError(key, _get(cfg, key), "true or false")
         if kind == "glue":
             raise ConfigError("model.adapter", adapter, "moefy for data.kind=glue (native backbones train instruction tasks)")
     if _optional(cfg, "model.k_max", None) is not None:
@@ -303,6 +304,7 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
         k_max=raw.get("k_max"),
         dtype=raw.get("dtype", defaults.dtype),
         pretrained=raw.get("pretrained", defaults.pretrained),
+        gradient_checkpointing=raw.get("gradient_checkpointing", defaults.gradient_checkpointing),
         lora=LoraSettings(**raw["lora"]),
         optim=OptimSettings(**raw["optim"]),
     )

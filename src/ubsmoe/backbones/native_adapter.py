@@ -24,7 +24,7 @@ from ubsmoe.backbones.moefy_adapter import moe_options, quiet_transformers
 from ubsmoe.errors import ConfigError
 from ubsmoe.seeding import derive_seed
 from ubsmoe.settings import MethodSettings, ModelSettings
-from ubsmoe.smoe.flops import lora_flops
+from ubsmoe.smoe.flops import decoder_flops_per_token
 from ubsmoe.smoe.lora import inject_peft_lora
 
 TINY_PREFIX = "tiny:"
@@ -117,6 +117,9 @@ class NativeAdapter(BackboneAdapter):
         config = self.check(model, method, head)
         net = self._load(model, config, init_seed)
         net.requires_grad_(False)
+        if model.gradient_checkpointing:
+            # The sparse blocks recognise the recompute and neither re-count telemetry nor re-update D_i.
+            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if model.dropout is not None and hasattr(net.config, "attention_dropout"):
             net.config.attention_dropout = float(model.dropout)
         options = moe_options(model, method, num_tiers)
@@ -160,26 +163,13 @@ class NativeAdapter(BackboneAdapter):
 
     # ------------------------------------------------------------------ FLOPs
     def _per_token(self, built: BuiltBackbone, seq_len: int, *, k: int, lora_rank: int) -> float:
-        """Matrix-product FLOPs per token (2 per multiply-add), as :mod:`ubsmoe.smoe.flops` counts."""
-        c = built.extras["config"]
-        h = int(c.hidden_size)
-        heads, kv = int(c.num_attention_heads), int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
-        hd = int(getattr(c, "head_dim", None) or h // heads)
-        attention = 2.0 * h * hd * (2 * heads + 2 * kv) + 2 * 2.0 * seq_len * heads * hd
-        attention += sum(lora_flops(i, o, lora_rank) for i, o in self.attention_lora_shapes(built)) if lora_rank else 0.0
-        e = built.num_experts
-        sparse_layers = len(built.blocks)
-        dense_layers = int(c.num_hidden_layers) - sparse_layers
-        d = int(getattr(c, "moe_intermediate_size", None) or c.intermediate_size)
-        expert = 3 * 2.0 * h * d
-        if built.extras["ffn_lora"] and lora_rank:
-            expert += lora_flops(h, 2 * d, lora_rank) + lora_flops(d, h, lora_rank)
-        shared_width = int(getattr(c, "shared_expert_intermediate_size", 0) or 0)
-        shared = 3 * 2.0 * h * shared_width + 2.0 * h if shared_width else 0.0
-        moe = 2.0 * h * e + k * expert + shared
-        dense = 3 * 2.0 * h * int(c.intermediate_size)
-        lm_head = 2.0 * h * int(c.vocab_size)
-        return int(c.num_hidden_layers) * attention + sparse_layers * moe + dense_layers * dense + lm_head
+        """Matrix-product FLOPs per token (:func:`ubsmoe.smoe.flops.decoder_flops_per_token`, LM head included)."""
+        from ubsmoe.backbones.native import decoder_dims
+
+        dims = decoder_dims(built.extras["config"], self.attention_lora_shapes(built))
+        return decoder_flops_per_token(
+            dims, seq_len, k=k, lora_rank=lora_rank, expert_lora=built.extras["ffn_lora"], lm_head=True
+        )
 
     def body_flops(self, built: BuiltBackbone, seq_len: int, *, k: int, lora_rank: int, sparse: bool) -> float:
         return seq_len * self._per_token(built, seq_len, k=k, lora_rank=lora_rank)
