@@ -94,10 +94,14 @@ def test_loss_depends_on_response_tokens_only() -> None:
     assert float(loss) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-6)
     first_response = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0])
     perturbed = logits.clone()
-    perturbed[:, : first_response - 1] += torch.randn(perturbed[:, : first_response - 1].shape, generator=g, dtype=torch.float64)
+    prompt_part = perturbed[:, : first_response - 1]
+    prompt_part += torch.randn(prompt_part.shape, generator=g, dtype=torch.float64)
     changed = response_loss(perturbed, batch["labels"])
     # Both rows share the prompt: logits that predict prompt tokens carry no loss.
     assert float(changed) == pytest.approx(float(loss), rel=1e-12)
+    predicting_response = logits.clone()
+    predicting_response[0, first_response - 1] += torch.randn(300, generator=g, dtype=torch.float64)
+    assert float(response_loss(predicting_response, batch["labels"])) != pytest.approx(float(loss), rel=1e-6)
     assert batch["labels"][batch["attention_mask"] == 0].eq(IGNORE_INDEX).all()
 
 
@@ -144,7 +148,8 @@ def test_batched_likelihood_equals_one_row_at_a_time(model: FederatedModel) -> N
         for p, prompt in enumerate(prompts):
             for c, (extra, cont) in enumerate(candidates):
                 row = torch.tensor([prompt + extra + cont])
-                logp = torch.log_softmax(task.logits(model, {"input_ids": row, "attention_mask": torch.ones_like(row)}).double(), -1)
+                logits = task.logits(model, {"input_ids": row, "attention_mask": torch.ones_like(row)})
+                logp = torch.log_softmax(logits.double(), -1)
                 start = len(prompt) + len(extra)
                 ref = sum(float(logp[0, start + j - 1, t]) for j, t in enumerate(cont))
                 assert float(scores[p, c]) == pytest.approx(ref, abs=1e-4 * max(1.0, abs(ref)))
@@ -155,7 +160,8 @@ def test_left_padding_gives_the_unpadded_greedy_tokens(model: FederatedModel) ->
     batch = collate_left([{"input_ids": p, "answer_index": 0} for p in prompts], pad_id_of(TOK))
     assert (batch["attention_mask"][:, -1] == 1).all() and batch["attention_mask"][1, 0] == 0
     model.set_client(k=2)
-    padded = greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=6, pad_id=0, eos_id=None)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    padded = greedy_generate(model, ids, mask, max_new_tokens=6, pad_id=0, eos_id=None)
     for i, prompt in enumerate(prompts):
         one = greedy_generate(
             model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=6, pad_id=0,

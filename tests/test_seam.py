@@ -115,7 +115,8 @@ def test_commonsense_config_errors_name_the_key(override: str, key: str) -> None
 
 
 def test_every_new_config_validates() -> None:
-    for model in ("olmoe_1b_7b", "qwen1_5_moe_a2_7b", "qwen3_30b_a3b", "mixtral_8x7b", "tiny_qwen3_moe", "tiny_mixtral"):
+    models = ("olmoe_1b_7b", "qwen1_5_moe_a2_7b", "qwen3_30b_a3b", "mixtral_8x7b", "tiny_qwen3_moe", "tiny_mixtral")
+    for model in models:
         validate(compose_config("experiment=commonsense_tiny", f"model={model}"))
     validate(compose_config("experiment=commonsense_olmoe"))
     validate(compose_config("experiment=smoke"))  # GLUE keeps validating without the new keys

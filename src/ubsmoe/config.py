@@ -176,17 +176,23 @@ def validate(cfg: DictConfig) -> list[Tier]:
         _require_choice(cfg, "model.pooling", POOLINGS)
         _require_choice(cfg, "model.router_init", ROUTER_INITS)
         if kind != "glue":
-            raise ConfigError("model.adapter", adapter, f"native for data.kind={kind} (a causal decoder; moefy cuts encoders)")
+            raise ConfigError(
+                "model.adapter", adapter, f"native for data.kind={kind} (a causal decoder; moefy cuts encoders)"
+            )
     else:
         if _optional(cfg, "model.num_experts", None) is not None:
-            raise ConfigError("model.num_experts", _get(cfg, "model.num_experts"), "null for native backbones (E comes from the checkpoint)")
+            raise ConfigError(
+                "model.num_experts", _get(cfg, "model.num_experts"), "null for native backbones (E is the checkpoint's)"
+            )
         if _optional(cfg, "model.dtype", "float32") not in MODEL_DTYPES:
             raise ConfigError("model.dtype", _get(cfg, "model.dtype"), f"one of {', '.join(MODEL_DTYPES)}")
         for key in ("model.pretrained", "model.gradient_checkpointing"):
             if not isinstance(_optional(cfg, key, False), bool):
                 raise ConfigError(key, _get(cfg, key), "true or false")
         if kind == "glue":
-            raise ConfigError("model.adapter", adapter, "moefy for data.kind=glue (native backbones train instruction tasks)")
+            raise ConfigError(
+                "model.adapter", adapter, "moefy for data.kind=glue (native backbones train instruction tasks)"
+            )
     if _optional(cfg, "model.k_max", None) is not None:
         _require_int(cfg, "model.k_max", 1)  # the upper bound (M or E) is checked with the backbone's config
     if _get(cfg, "model.dropout") is not None:
@@ -266,13 +272,16 @@ def _validate_commonsense(cfg: DictConfig) -> None:
     _require_choice(cfg, "data.eval_mode", EVAL_MODES)
     _require_int(cfg, "data.max_new_tokens", 1)
     _require_choice(cfg, "data.partition_by", PARTITION_BY)
-    for key in ("data.train_source", "data.likelihood_prefix"):
-        if not isinstance(_get(cfg, key), str) or (key == "data.train_source" and not _get(cfg, key)):
-            raise ConfigError(key, _get(cfg, key), "a string" + (" ('local', a JSON path or URL, a hub id)" if key == "data.train_source" else ""))
+    source = _get(cfg, "data.train_source")
+    if not isinstance(source, str) or not source:
+        raise ConfigError("data.train_source", source, "'local', a JSON path or URL, or a hub dataset id")
+    if not isinstance(_get(cfg, "data.likelihood_prefix"), str):
+        raise ConfigError("data.likelihood_prefix", _get(cfg, "data.likelihood_prefix"), "a string (may be empty)")
     for key, allow_empty in (("data.eval_benchmarks", False), ("data.train_benchmarks", True)):
         value = _get(cfg, key)
         if not isinstance(value, (list, ListConfig)) or (not value and not allow_empty):
-            raise ConfigError(key, value, f"a {'' if allow_empty else 'non-empty '}list of benchmarks among {list(BENCHMARKS)}")
+            allowed = f"a {'' if allow_empty else 'non-empty '}list of benchmarks among {list(BENCHMARKS)}"
+            raise ConfigError(key, value, allowed)
         for name in value:
             if name not in BENCHMARKS:
                 raise ConfigError(key, name, f"benchmarks among {list(BENCHMARKS)}")
@@ -285,7 +294,9 @@ def _validate_commonsense(cfg: DictConfig) -> None:
         not isinstance(hub, (dict, DictConfig))
         or any(k not in BENCHMARKS or not isinstance(v, str) for k, v in hub.items())
     ):
-        raise ConfigError("data.hub_test_files", hub, f"a mapping benchmark -> path/URL/hub id, benchmarks among {list(BENCHMARKS)}")
+        raise ConfigError(
+            "data.hub_test_files", hub, f"a mapping benchmark -> path/URL/hub id, benchmarks among {list(BENCHMARKS)}"
+        )
 
 
 def model_settings(cfg: DictConfig) -> ModelSettings:

@@ -378,7 +378,9 @@ class FederatedClassifier(FederatedModel):
         _check_settings(model, method, num_labels, num_tiers)
         super().__init__(
             adapter=build_adapter(model.adapter),
-            task=ClassificationTask(num_labels=num_labels, metrics=metrics, pooling=model.pooling, main_metric=main_metric),
+            task=ClassificationTask(
+                num_labels=num_labels, metrics=metrics, pooling=model.pooling, main_metric=main_metric
+            ),
             model=model,
             method=method,
             num_tiers=num_tiers,

@@ -101,9 +101,8 @@ class MoefyAdapter(BackboneAdapter):
             config.hidden_dropout_prob = float(model.dropout)
             config.attention_probs_dropout_prob = float(model.dropout)
         with quiet_transformers():
-            backbone = AutoModel.from_pretrained(
-                resolve_backbone_path(model.backbone), config=config, add_pooling_layer=False, attn_implementation="sdpa"
-            )
+            path = resolve_backbone_path(model.backbone)
+            backbone = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False, attn_implementation="sdpa")
         backbone.requires_grad_(False)
         blocks: dict[str, nn.Module] = {}
         lora = model.lora

@@ -127,7 +127,9 @@ def read_json_file(path: str | Path, *, key: str) -> list[dict[str, Any]]:
     return check_records(records, key=key, origin=str(path))
 
 
-def load_local(local_dir: str | Path, benchmark: str, split: str, *, key: str = "data.local_dir") -> list[dict[str, Any]]:
+def load_local(
+    local_dir: str | Path, benchmark: str, split: str, *, key: str = "data.local_dir"
+) -> list[dict[str, Any]]:
     """``<local_dir>/<benchmark>/<split>.json``, checked."""
     return read_json_file(Path(local_dir) / benchmark / f"{split}.json", key=key)
 

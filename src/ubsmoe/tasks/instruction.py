@@ -156,7 +156,10 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def score_candidates(
-    logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], candidates: Sequence[tuple[list[int], list[int]]], pad_id: int
+    logits_fn: LogitsFn,
+    prompts: Sequence[Sequence[int]],
+    candidates: Sequence[tuple[list[int], list[int]]],
+    pad_id: int,
 ) -> torch.Tensor:
     """Summed log-probability of each candidate continuation after each prompt: ``[len(prompts), C]``.
 
