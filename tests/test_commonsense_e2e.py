@@ -78,3 +78,11 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
             k: v for k, v in ra.items() if k not in ("metrics", "train_loss")
         }
     assert resumed == pytest.approx(straight, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "mixtral"])
+def test_every_tiny_family_runs_the_path(tmp_path: Path, family: str) -> None:
+    run(tmp_path, f"model=tiny_{family}", "federation.rounds=1", "data.train_benchmarks=[boolq,openbookqa]")
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["k"] for r in records] == [1, 2, 3, 4]
+    assert all({f"{b}/acc" for b in BENCHMARKS} <= set(r["metrics"]) for r in records)
