@@ -303,6 +303,8 @@ def test_kernel_matches_autograd_reference(family):
         weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
         (y * weight).sum().backward()
         grads = [x.grad, block.router.weight.grad, block.phi.grad, *(t.grad for t in block.lora.tensors())]
+        if block.shared_expert is None:  # padding is never routed: nothing but the shared expert reaches it
+            assert torch.equal(y[1, 3:], torch.zeros_like(y[1, 3:]))
         results.append((y.detach(), grads, block.pg_default.clone(), block.counters("step")))
     (y0, g0, d0, c0), (y1, g1, d1, c1) = results
     torch.testing.assert_close(y0, y1, rtol=1e-12, atol=1e-12)
