@@ -380,15 +380,17 @@ def test_activation_checkpointing_gives_the_same_step():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
-def test_bf16_model_keeps_fp32_adapters_and_matches_hf(family):
+@pytest.mark.parametrize(("family", "router_dtype"), [("olmoe", None), ("qwen2_moe", torch.float32)])
+def test_bf16_model_keeps_fp32_adapters_and_matches_hf(family, router_dtype):
     """A model loaded in bf16 (as on a GPU) converts: HF's bf16 logits, fp32 adapters with finite gradients."""
     model = tiny_model(family, seed=1).to(torch.bfloat16)
     sharpen_routers(model)
     ids = token_ids()
     with torch.no_grad():
         expected = model(ids).logits.float()
-    convert(model, lora_rank=4)
+    convert(model, lora_rank=4, router_dtype=router_dtype)
+    for block in native_blocks(model).values():
+        assert block.router.weight.dtype == (router_dtype or torch.bfloat16) and block.router.weight.requires_grad
     with torch.no_grad():
         got = model(ids).logits.float()
     assert (got - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
@@ -399,3 +401,4 @@ def test_bf16_model_keeps_fp32_adapters_and_matches_hf(family):
         for t in block.lora.tensors():
             assert t.dtype == torch.float32 and t.grad.dtype == torch.float32 and bool(torch.isfinite(t.grad).all())
         assert bool(block.pg_default_ready.any()) and bool(torch.isfinite(block.pg_default).all())
+        assert block.router.weight.grad.dtype == block.router.weight.dtype

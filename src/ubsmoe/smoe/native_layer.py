@@ -305,7 +305,7 @@ class NativeSparseMoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[Routing, torch.Tensor]:
         """Routing of ``x [N, h]`` at the current K, and the gates ``[N, K]`` of its active experts."""
         k, e = self.k, self.num_experts
-        logits = F.linear(x, self.router.weight)
+        logits = F.linear(x, self.router.weight.to(x.dtype))  # a float32 router on a bf16 model: bf16 logits, as HF
         if self.options.dmr:
             phi = self.phi.to(logits.dtype)
             logits = modulate(logits, phi, self.options.kappa, num_candidates(k, e, self.options.np_ratio))
