@@ -404,3 +404,22 @@ def test_bf16_model_keeps_fp32_adapters_and_matches_hf(family, router_dtype):
             assert t.dtype == torch.float32 and t.grad.dtype == torch.float32 and bool(torch.isfinite(t.grad).all())
         assert bool(block.pg_default_ready.any()) and bool(torch.isfinite(block.pg_default).all())
         assert block.router.weight.grad.dtype == block.router.weight.dtype
+
+
+def test_left_padded_generation_and_token_mask_keep_real_tokens_exact():
+    """Batched left-padded greedy generation equals HF's; a token_mask leaves real tokens' logits unchanged."""
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    model = tiny_model("qwen2_moe", seed=3)
+    sharpen_routers(model)
+    batch = tok(["Question: is the sky blue? Answer:", "Hi"], padding=True, return_tensors="pt")
+    expected = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    convert(model)
+    assert torch.equal(model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id), expected)
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        unmasked = model(**batch).logits
+        for block in native_blocks(model).values():
+            block.token_mask = mask
+        masked = model(**batch).logits
+    assert (masked[mask] - unmasked[mask]).abs().max().item() <= 1e-5
