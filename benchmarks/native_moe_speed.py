@@ -8,6 +8,8 @@ tensors of
 - ``hf``: the unconverted model at its top-8, with comparable adapters from peft: LoRA on
   q/k/v/o and, through ``target_parameters``, on every expert's ``gate_up_proj`` and
   ``down_proj``; the router trainable too;
+- ``hf_attn_lora``: the same without expert LoRA (attention LoRA and router only), i.e.
+  Hugging Face's MoE block at its bare cost, for context;
 - ``native_k8`` / ``native_k2``: the model converted by :func:`ubsmoe.backbones.native.convert`
   (UB-SMoE defaults: DMR, PG router and expert signals, expert LoRA rank 8 on the routed rows)
   with peft LoRA on q/k/v/o, at K = 8 and K = 2.
@@ -66,11 +68,9 @@ def build(kind: str, layers: int, rank: int, device: str):
         for layer in model.model.layers:
             layer.mlp.gate.weight.normal_(0.0, 0.05)
     model.requires_grad_(False)
-    if kind == "hf":
-        lora = LoraConfig(
-            r=rank, lora_alpha=2 * rank, target_modules=ATTENTION,
-            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-        )  # fmt: skip
+    if kind.startswith("hf"):
+        experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if kind == "hf" else None
+        lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ATTENTION, target_parameters=experts)
         inject_adapter_in_model(lora, model)
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name or name.endswith("mlp.gate.weight"))
@@ -168,7 +168,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    kinds = ["hf", "native_k8", "native_k2"]
+    kinds = ["hf", "hf_attn_lora", "native_k8", "native_k2"]
     models = {kind: build(kind, args.layers, args.rank, args.device) for kind in kinds}
     ids = torch.randint(3, 4096, (args.batch, args.length), generator=torch.Generator().manual_seed(0)).to(args.device)
     steps: dict[str, list[float]] = {k: [] for k in kinds}
@@ -201,6 +201,8 @@ def main() -> None:
             "native_k2_over_native_k8_moe": moe_median["native_k2"] / moe_median["native_k8"],
             "native_k2_over_native_k8_step": median["native_k2"] / median["native_k8"],
             "native_k8_over_hf_moe": moe_median["native_k8"] / moe_median["hf"],
+            "native_k8_over_hf_attn_lora_step": median["native_k8"] / median["hf_attn_lora"],
+            "native_k8_over_hf_attn_lora_moe": moe_median["native_k8"] / moe_median["hf_attn_lora"],
         },
     }
     result["targets"] = {

@@ -146,6 +146,7 @@ def convert(
     options: MoEOptions | None = None,
     generator: torch.Generator | None = None,
     lora_dtype: torch.dtype = torch.float32,
+    router_dtype: torch.dtype | None = None,
     freeze_base: bool = True,
 ) -> nn.Module:
     """Replace each sparse ``layer.mlp`` of ``model`` (in place) by a :class:`NativeSparseMoE`; return ``model``.
@@ -184,6 +185,8 @@ def convert(
         experts = mlp.experts
         experts.gate_up_proj.requires_grad_(False)
         experts.down_proj.requires_grad_(False)
+        if router_dtype is not None and mlp.gate.weight.dtype != router_dtype:
+            mlp.gate.weight.data = mlp.gate.weight.data.to(router_dtype)
         mlp.gate.weight.requires_grad_(True)
         shared = getattr(mlp, "shared_expert", None)
         shared_gate = getattr(mlp, "shared_expert_gate", None)

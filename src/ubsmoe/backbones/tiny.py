@@ -32,6 +32,7 @@ from ubsmoe.errors import ConfigError
 
 FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")
 TINY_VOCAB = 512
+MAX_POSITIONS = 4096  # the tiny models' max_position_embeddings and the tokenizer's model_max_length
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2
 
@@ -42,7 +43,7 @@ def tiny_config(family: str, *, vocab_size: int = TINY_VOCAB, **overrides):
 
     common = dict(
         vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=4096, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        max_position_embeddings=MAX_POSITIONS, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=False, attn_implementation="eager",
     )  # fmt: skip
     if family == "olmoe":
@@ -106,5 +107,6 @@ def tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = TINY_V
         backend.train_from_iterator(list(corpus), trainer=trainer)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="right"
+        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="right",
+        model_max_length=MAX_POSITIONS,
     )

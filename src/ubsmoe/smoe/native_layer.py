@@ -216,7 +216,6 @@ class SwiGLUExperts(torch.autograd.Function):
         return (dx, dgates, da1, db1, da2, db2) + (None,) * 6
 
 
-
 class NativeSparseMoE(nn.Module):
     """Drop-in for a transformers 5 ``*SparseMoeBlock``: ``[B, L, h] -> [B, L, h]``.
 
@@ -270,18 +269,17 @@ class NativeSparseMoE(nn.Module):
         self.shared_expert_gate = shared_expert_gate
         device = gate_up.device
         self.phi = nn.Parameter(torch.zeros(e, device=device), requires_grad=options.dmr)
-        self.lora = (
-            NativeExpertLoRA(
+        self.lora = None
+        if options.lora_rank > 0:
+            self.lora = NativeExpertLoRA(
                 e, h, self.expert_size, options.lora_rank, options.lora_alpha, generator, device=device, dtype=lora_dtype
             )
-            if options.lora_rank > 0
-            else None
-        )
         self.tier_scale = nn.Parameter(torch.ones(options.num_tiers, device=device)) if options.num_tiers > 0 else None
         self.register_buffer("pg_default", torch.zeros(e, h, device=device))
         self.register_buffer("pg_default_ready", torch.zeros(e, dtype=torch.bool, device=device))
-        self.register_buffer("tel_counters", torch.zeros(2 * e + 3, dtype=torch.float64, device=device), persistent=False)
-        self.register_buffer("step_counters", torch.zeros(2 * e + 3, dtype=torch.float64, device=device), persistent=False)
+        counters = torch.zeros(2 * e + 3, dtype=torch.float64, device=device)
+        self.register_buffer("tel_counters", counters, persistent=False)
+        self.register_buffer("step_counters", counters.clone(), persistent=False)
 
     # ----------------------------------------------------------------- configuration
     def set_k(self, k: int) -> None:
@@ -305,12 +303,15 @@ class NativeSparseMoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[Routing, torch.Tensor]:
         """Routing of ``x [N, h]`` at the current K, and the gates ``[N, K]`` of its active experts."""
         k, e = self.k, self.num_experts
-        logits = F.linear(x, self.router.weight)
+        # The logits in x's dtype, as the backbones compute them (a float32 router on a bf16 model
+        # included), then in float32 at least, where the backbones take their softmax (float64
+        # stays float64, for exact references); phi acts at that precision.
+        logits = F.linear(x, self.router.weight.to(x.dtype))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.options.dmr:
             phi = self.phi.to(logits.dtype)
             logits = modulate(logits, phi, self.options.kappa, num_candidates(k, e, self.options.np_ratio))
-        # float32 at least, as the backbones do (float64 stays float64, for exact references)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        probs = torch.softmax(logits, dim=-1)
         top, experts = torch.topk(probs, k, dim=-1)
         if self.rule.renormalize:
             top = top / top.sum(dim=-1, keepdim=True)
@@ -432,20 +433,24 @@ class NativeSparseMoE(nn.Module):
     # ----------------------------------------------------------------- statistics
     @torch.no_grad()
     def _update_defaults(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        """``D_i`` <- running mean of expert ``i``'s output: the down matrix (and its LoRA) is linear in the hidden units."""
+        """``D_i`` <- running mean of expert ``i``'s output (down and its LoRA are linear in the hidden units)."""
         down = self.experts.down_proj
         w2t = down.transpose(1, 2)  # [E, d, h], a view
         lora = None
         if self.lora is not None:
             lora = tuple(t.to(down.dtype) for t in self.lora.tensors())
         means = expert_mean_outputs(sums.to(down.dtype), counts, w2t, lora, self.lora.scaling if self.lora else 1.0)
-        update_defaults(
-            self.pg_default, self.pg_default_ready, means.to(self.pg_default.dtype), counts > 0, self.options.pg_momentum
-        )
+        means = means.to(self.pg_default.dtype)
+        update_defaults(self.pg_default, self.pg_default_ready, means, counts > 0, self.options.pg_momentum)
 
     @torch.no_grad()
     def _record(
-        self, probs: torch.Tensor, inactive: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None, training: bool
+        self,
+        probs: torch.Tensor,
+        inactive: torch.Tensor,
+        counts: torch.Tensor,
+        valid: torch.Tensor | None,
+        training: bool,
     ) -> None:
         n = probs.shape[0] if valid is None else int(valid.sum())
         inactive_mass = (probs.detach().double() * inactive).sum(0)
