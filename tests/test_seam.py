@@ -17,7 +17,8 @@ from ubsmoe.tasks.instruction import InstructionTask
 
 
 def native_model(
-    family: str = "olmoe", *, sparse: bool = True, k_max: int | None = None, checkpointing: bool = False
+    family: str = "olmoe", *, sparse: bool = True, k_max: int | None = None, checkpointing: bool = False,
+    dtype: str = "float32",
 ) -> FederatedModel:
     task = InstructionTask(
         tokenizer=tiny_tokenizer(),
@@ -26,7 +27,7 @@ def native_model(
     )
     settings = ModelSettings(
         name=f"tiny_{family}", backbone=f"tiny:{family}", adapter="native", k_max=k_max,
-        gradient_checkpointing=checkpointing,
+        gradient_checkpointing=checkpointing, dtype=dtype,
         lora=LoraSettings(rank=4, alpha=8, attention_targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
     )  # fmt: skip
     return FederatedModel(
@@ -105,6 +106,8 @@ def test_adapter_and_task_must_fit() -> None:
     ("model.dtype=int8", "model.dtype"),
     ("model.k_max=0", "model.k_max"),
     ("fabric.precision=fp8", "fabric.precision"),
+    ("model.router_dtype=int8", "model.router_dtype"),
+    ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing"),
     ("data.train_benchmarks=[]", "data.train_benchmarks"),
 ])  # fmt: skip
 def test_commonsense_config_errors_name_the_key(override: str, key: str) -> None:
@@ -144,3 +147,11 @@ def test_gradient_checkpointing_gives_the_same_step() -> None:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6)
     for layer in t0:  # the recompute does not count tokens twice
         assert float(t1[layer]["tokens"]) == float(t0[layer]["tokens"])
+
+
+def test_bf16_weights_keep_a_float32_router_and_float32_adapters() -> None:
+    model = native_model(dtype="bfloat16")
+    params = dict(model.named_parameters())
+    assert params["backbone.model.layers.0.mlp.experts.gate_up_proj"].dtype == torch.bfloat16
+    for name in model._groups["router"] + model.expert_tensor_names():
+        assert params[name].dtype == torch.float32 and params[name].requires_grad, name

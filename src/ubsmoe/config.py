@@ -186,6 +186,10 @@ def validate(cfg: DictConfig) -> list[Tier]:
             )
         if _optional(cfg, "model.dtype", "float32") not in MODEL_DTYPES:
             raise ConfigError("model.dtype", _get(cfg, "model.dtype"), f"one of {', '.join(MODEL_DTYPES)}")
+        router_dtype = _optional(cfg, "model.router_dtype", "float32")
+        if router_dtype is not None and router_dtype not in MODEL_DTYPES:
+            allowed = f"null (the weights' dtype) or one of {', '.join(MODEL_DTYPES)}"
+            raise ConfigError("model.router_dtype", router_dtype, allowed)
         for key in ("model.pretrained", "model.gradient_checkpointing"):
             if not isinstance(_optional(cfg, key, False), bool):
                 raise ConfigError(key, _get(cfg, key), "true or false")
@@ -316,6 +320,7 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
         dtype=raw.get("dtype", defaults.dtype),
         pretrained=raw.get("pretrained", defaults.pretrained),
         gradient_checkpointing=raw.get("gradient_checkpointing", defaults.gradient_checkpointing),
+        router_dtype=raw.get("router_dtype", defaults.router_dtype),
         lora=LoraSettings(**raw["lora"]),
         optim=OptimSettings(**raw["optim"]),
     )

@@ -40,6 +40,7 @@ class ModelSettings:
     k_max: int | None = None  # None: M for moefy, the checkpoint's configured top-k for native
     dtype: str = "float32"  # native: weights' dtype when loading (bfloat16 for the hub checkpoints)
     pretrained: bool = True  # native: false = random init from the config (tiny CPU models)
+    router_dtype: str | None = "float32"  # native: the trainable router's dtype (None = the weights' dtype)
     gradient_checkpointing: bool = False  # native: recompute each decoder layer in backward (less activation memory)
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)

@@ -66,6 +66,8 @@ class NativeAdapter(BackboneAdapter):
             )
         if model.dtype not in DTYPES:
             raise ConfigError("model.dtype", model.dtype, f"one of {list(DTYPES)}")
+        if model.router_dtype is not None and model.router_dtype not in DTYPES:
+            raise ConfigError("model.router_dtype", model.router_dtype, f"null or one of {list(DTYPES)}")
         from ubsmoe.backbones.native import check_native_config
 
         config = self._config(model)
@@ -126,6 +128,7 @@ class NativeAdapter(BackboneAdapter):
         convert(
             net, k_max=self.k_max(config, model), options=options,
             generator=torch.Generator().manual_seed(derive_seed(init_seed, "expert_lora")),
+            router_dtype=DTYPES[model.router_dtype] if model.router_dtype else None,
         )  # fmt: skip
         blocks_by_path = native_blocks(net)
         lora = model.lora
