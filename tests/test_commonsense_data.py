@@ -116,3 +116,27 @@ def test_build_partitions_over_source_and_pads_each_side() -> None:
     assert ev["answer_index"].tolist() == [
         BENCHMARKS["piqa"].answer_words.index(r["answer"]) for r in load_local(carried_dir(), "piqa", "test")[:3]
     ]
+
+
+def test_url_source_is_downloaded_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: urlopen is replaced; the second load reads the cached copy."""
+    import io
+
+    from ubsmoe.data import commonsense
+
+    calls = []
+
+    def fake_urlopen(url, timeout):
+        calls.append(url)
+        return io.BytesIO(json.dumps([GOOD, GOOD]).encode())
+
+    monkeypatch.setattr(commonsense.urllib.request, "urlopen", fake_urlopen)
+    url = "https://example.org/mix.json"
+    for _ in range(2):
+        records = commonsense.load_source(url, key="data.train_source", cache_dir=str(tmp_path))
+        assert records == [GOOD, GOOD]
+    assert calls == [url]
+    monkeypatch.setattr(commonsense.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"{oops"))
+    with pytest.raises(ConfigError) as err:
+        commonsense.load_source("https://example.org/bad.json", key="data.train_source")
+    assert err.value.key == "data.train_source" and "not valid JSON" in str(err.value)

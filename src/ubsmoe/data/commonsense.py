@@ -25,6 +25,7 @@ carry its own ``source`` field, which wins (the carried train files are tagged w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import urllib.request
@@ -134,17 +135,37 @@ def load_local(
     return read_json_file(Path(local_dir) / benchmark / f"{split}.json", key=key)
 
 
-def load_source(source: str, *, key: str, split: str = "train") -> list[dict[str, Any]]:
+def _download(url: str, key: str, cache_dir: str | None) -> bytes:
+    """The bytes at ``url``; kept in ``<cache_dir>/commonsense/<sha256 of the URL>.json`` when a cache is given."""
+    cached = None
+    if cache_dir:
+        cached = Path(cache_dir) / "commonsense" / f"{hashlib.sha256(url.encode()).hexdigest()[:32]}.json"
+        if cached.is_file():
+            return cached.read_bytes()
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response:  # noqa: S310 (a user-configured URL)
+            payload = response.read()
+    except OSError as err:
+        raise ConfigError(key, url, f"a reachable URL of a JSON list of records ({err})") from err
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".part")
+        tmp.write_bytes(payload)
+        tmp.replace(cached)  # atomic: a crashed download never leaves a half file behind
+    return payload
+
+
+def load_source(source: str, *, key: str, split: str = "train", cache_dir: str | None = None) -> list[dict[str, Any]]:
     """Records from a local JSON path, an ``http(s)://`` JSON URL, or a hub dataset id (its ``split``).
 
     Only this function reaches a network, and only for a URL or a dataset id the user configured.
+    A URL's file is kept in ``cache_dir`` (``paths.cache_dir``), so sweeps download it once.
     """
     if source.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(source, timeout=120) as response:  # noqa: S310 (user-configured URL)
-                records = json.loads(response.read().decode("utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(key, source, f"a reachable URL of a JSON list of records ({err})") from err
+            records = json.loads(_download(source, key, cache_dir).decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(key, source, f"a URL of a JSON list of records (not valid JSON: {err})") from err
         return check_records(records, key=key, origin=source)
     if source.endswith(".json") or Path(source).exists():
         return read_json_file(source, key=key)
@@ -183,7 +204,7 @@ def partition_labels(records: Sequence[dict[str, Any]], by: str) -> tuple[list[i
 
 
 def load_train_mixture(
-    *, source: str, local_dir: str | None, benchmarks: Sequence[str]
+    *, source: str, local_dir: str | None, benchmarks: Sequence[str], cache_dir: str | None = None
 ) -> list[dict[str, Any]]:
     """The training records: ``local`` = the train files of ``benchmarks`` (tagged with their source),
     anything else = one mixture file / URL / hub dataset (``data.train_source``)."""
@@ -194,11 +215,11 @@ def load_train_mixture(
             get_benchmark(name, "data.train_benchmarks")
             records += [{**r, "source": name} for r in load_local(base, name, "train", key="data.local_dir")]
         return records
-    return load_source(source, key="data.train_source", split="train")
+    return load_source(source, key="data.train_source", split="train", cache_dir=cache_dir)
 
 
 def load_eval_sets(
-    *, benchmarks: Sequence[str], local_dir: str | None, hub_test_files: dict[str, str]
+    *, benchmarks: Sequence[str], local_dir: str | None, hub_test_files: dict[str, str], cache_dir: str | None = None
 ) -> dict[str, list[dict[str, Any]]]:
     """Test records per benchmark: the local file when present, else ``data.hub_test_files[<benchmark>]``."""
     base = resolve_local_dir(local_dir)
@@ -209,7 +230,9 @@ def load_eval_sets(
         if path.is_file():
             out[name] = read_json_file(path, key="data.local_dir")
         elif name in hub_test_files:
-            out[name] = load_source(hub_test_files[name], key=f"data.hub_test_files.{name}", split="test")
+            out[name] = load_source(
+                hub_test_files[name], key=f"data.hub_test_files.{name}", split="test", cache_dir=cache_dir
+            )
         else:
             raise ConfigError(
                 "data.eval_benchmarks", name,
@@ -257,6 +280,7 @@ def build_commonsense_data(
     eval_batch_size: int,
     max_train_examples: int | None,
     max_eval_examples: int | None,
+    cache_dir: str | None = None,
 ) -> Any:
     """Load, check, subsample, partition and tokenize the commonsense data for ``num_clients`` clients.
 
@@ -277,8 +301,12 @@ def build_commonsense_data(
     from ubsmoe.tasks.instruction import collate_left, collate_right, encode_train, pad_id_of, prompt_ids
 
     benchmarks = [get_benchmark(name) for name in eval_benchmarks]
-    records = load_train_mixture(source=train_source, local_dir=local_dir, benchmarks=train_benchmarks)
-    eval_sets = load_eval_sets(benchmarks=eval_benchmarks, local_dir=local_dir, hub_test_files=hub_test_files)
+    records = load_train_mixture(
+        source=train_source, local_dir=local_dir, benchmarks=train_benchmarks, cache_dir=cache_dir
+    )
+    eval_sets = load_eval_sets(
+        benchmarks=eval_benchmarks, local_dir=local_dir, hub_test_files=hub_test_files, cache_dir=cache_dir
+    )
     usable = len(records) if max_train_examples is None else min(len(records), max_train_examples)
     partitioning.validate_partition_args(
         method=partition, num_clients=num_clients, alpha=alpha, min_size=min_client_size, num_examples=usable

@@ -125,6 +125,7 @@ class CommonsenseKind(RunKind):
             eval_batch_size=d.eval_batch_size,
             max_train_examples=d.max_train_examples,
             max_eval_examples=d.max_eval_examples,
+            cache_dir=str(cfg.paths.cache_dir),
         )
 
     def module(
