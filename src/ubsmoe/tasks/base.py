@@ -40,6 +40,10 @@ class Task(ABC):
         """The trainable head on top of the backbone (``None``: the backbone's own output is the prediction)."""
 
     @abstractmethod
+    def logits(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The prediction of one batch (class logits, or LM logits)."""
+
+    @abstractmethod
     def loss(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The task loss of one training batch (the module adds its regularizers)."""
 
@@ -50,3 +54,11 @@ class Task(ABC):
     @abstractmethod
     def head_flops(self, hidden_size: int, seq_len: int) -> float:
         """Forward FLOPs of the head for one example of ``seq_len`` tokens."""
+
+    def validation_step(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> None:
+        """Accumulate one evaluation batch (tasks whose metrics accumulate per batch)."""
+        raise NotImplementedError(f"{type(self).__name__} scores whole evaluation sets: use evaluate()")
+
+    def compute_validation(self) -> dict[str, float]:
+        """The metrics accumulated by :meth:`validation_step` (then reset)."""
+        raise NotImplementedError(f"{type(self).__name__} scores whole evaluation sets: use evaluate()")

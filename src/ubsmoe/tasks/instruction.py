@@ -50,6 +50,7 @@ PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 EVAL_MODES = ("likelihood", "generation", "both")
+SUFFIX = {"generation": "gen", "likelihood": "ll"}  # metric-name suffix of each scoring mode
 IGNORE_INDEX = -100
 
 
@@ -259,9 +260,6 @@ class InstructionTask(Task):
     def loss(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return response_loss(self.logits(module, batch), batch["labels"])
 
-    def validation_step(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError("instruction tasks evaluate whole benchmarks: use evaluate()")
-
     def head_flops(self, hidden_size: int, seq_len: int) -> float:
         return 0.0  # the LM head is part of the causal-LM backbone's count
 
@@ -319,12 +317,12 @@ class InstructionTask(Task):
                         correct["generation"] += sum(f is not None and f == int(a) for f, a in zip(found, answers))
             for mode in modes:
                 acc = correct[mode] / max(total, 1)
-                metrics[f"{benchmark}/acc_{'gen' if mode == 'generation' else 'll'}"] = acc
+                metrics[f"{benchmark}/acc_{SUFFIX[mode]}"] = acc
                 per_mode[mode].append(acc)
             if "generation" in modes:
                 metrics[f"{benchmark}/no_answer"] = missing / max(total, 1)
-            metrics[f"{benchmark}/acc"] = metrics[f"{benchmark}/acc_{'gen' if modes[0] == 'generation' else 'll'}"]
+            metrics[f"{benchmark}/acc"] = metrics[f"{benchmark}/acc_{SUFFIX[modes[0]]}"]  # the main mode's
         for mode, values in per_mode.items():
-            metrics[f"mean_acc_{'gen' if mode == 'generation' else 'll'}"] = sum(values) / max(len(values), 1)
-        metrics["mean_acc"] = metrics[f"mean_acc_{'gen' if modes[0] == 'generation' else 'll'}"]
+            metrics[f"mean_acc_{SUFFIX[mode]}"] = sum(values) / max(len(values), 1)
+        metrics["mean_acc"] = metrics[f"mean_acc_{SUFFIX[modes[0]]}"]
         return TaskEvaluation(metrics=metrics, main_metric=metrics["mean_acc"])
