@@ -23,6 +23,7 @@ from ubsmoe.tasks.instruction import (
     pad_id_of,
     response_loss,
     score_candidates,
+    score_candidates_cached,
 )
 
 TOK = tiny_tokenizer()
@@ -153,6 +154,26 @@ def test_batched_likelihood_equals_one_row_at_a_time(model: FederatedModel) -> N
                 start = len(prompt) + len(extra)
                 ref = sum(float(logp[0, start + j - 1, t]) for j, t in enumerate(cont))
                 assert float(scores[p, c]) == pytest.approx(ref, abs=1e-4 * max(1.0, abs(ref)))
+
+
+def test_cached_likelihood_equals_the_one_pass_scores(model: FederatedModel) -> None:
+    """The evaluation's KV-cached scorer gives the numbers of the plain one-pass scorer (float64 reference)."""
+    task = model.task
+    prompts = [TOK(format_prompt(RECORD))["input_ids"], TOK("hi")["input_ids"], TOK("is it? yes or no")["input_ids"]]
+
+    def logits_fn(ids, mask, positions, keep):
+        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "logits_to_keep": keep}
+        return task.logits(model, batch)
+
+    model.set_client(k=1)
+    for benchmark in ("boolq", "ARC-Easy"):
+        candidates = task.candidates(benchmark)
+        with torch.no_grad():
+            plain = score_candidates(logits_fn, prompts, candidates, pad_id_of(TOK))
+        cached = score_candidates_cached(model, prompts, candidates, pad_id_of(TOK))
+        torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError):
+        score_candidates_cached(model, prompts, [([1], [2]), ([3], [2])], 0)
 
 
 def test_left_padding_gives_the_unpadded_greedy_tokens(model: FederatedModel) -> None:

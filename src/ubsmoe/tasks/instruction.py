@@ -15,7 +15,9 @@ Evaluation, per benchmark (one loader each), at the module's current tier:
 - ``likelihood``: the answer word whose tokens have the highest summed log-probability after the
   prompt and the response prefix ``likelihood_prefix`` (default "the correct answer is ", the
   start of every LLM-Adapters response) is the prediction. No generation: fast, and it never
-  fails to answer.
+  fails to answer. The prompt runs once per example (KV cache), then only the answer words'
+  tokens run, once per word (:func:`score_candidates_cached`; :func:`score_candidates` is the
+  one-pass reference it is tested against).
 
 Metric keys: ``<benchmark>/acc`` (the main mode's accuracy), ``<benchmark>/acc_gen`` and
 ``<benchmark>/acc_ll`` (each mode that ran), ``<benchmark>/no_answer`` (generation: share of
@@ -185,6 +187,61 @@ def score_candidates(
     return scores.reshape(len(prompts), len(candidates))
 
 
+@torch.no_grad()
+def score_candidates_cached(
+    module: FederatedModel,
+    prompts: Sequence[Sequence[int]],
+    candidates: Sequence[tuple[list[int], list[int]]],
+    pad_id: int,
+) -> torch.Tensor:
+    """:func:`score_candidates` with the shared context run once: ``[len(prompts), C]``.
+
+    The prompt and the common response prefix go through the model once (KV cache); the cache is
+    repeated for the C answer words, and only their few tokens run again. Same numbers as the
+    one-pass version (tested), about C times less compute on long prompts. Needs every candidate
+    to share the same context extra (true for :func:`continuation_ids` with one prefix).
+    """
+    extras = {tuple(extra) for extra, _ in candidates}
+    if len(extras) != 1:  # candidates with different contexts: no shared prefix to cache
+        raise ValueError("score_candidates_cached needs one shared context for all candidates")
+    extra = list(next(iter(extras)))
+    device = next(module.backbone.parameters()).device
+    ids, mask, positions = left_pad([list(p) + extra for p in prompts], pad_id)
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    module.set_token_mask(mask.bool())
+    out = module.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]: predicts each candidate's first token
+    n_cand, conts = len(candidates), [list(c) for _, c in candidates]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n_cand)
+    length = max(len(c) for c in conts)
+    rows = len(prompts) * n_cand
+    cont_ids = torch.full((rows, length), pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((rows, length), dtype=torch.long)
+    for r in range(rows):
+        c = conts[r % n_cand]
+        cont_ids[r, : len(c)] = torch.tensor(c)
+        cont_mask[r, : len(c)] = 1
+    cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
+    start = mask.sum(1).repeat_interleave(n_cand).unsqueeze(1)  # each row's real context length
+    module.set_token_mask(cont_mask.bool())
+    rest = module.backbone(
+        input_ids=cont_ids, attention_mask=torch.cat([mask.repeat_interleave(n_cand, 0), cont_mask], dim=1),
+        position_ids=start + torch.arange(length, device=device), cache=cache, use_cache=True,
+    )  # fmt: skip
+    module.set_token_mask(None)
+    logp = torch.log_softmax(rest.logits.float(), dim=-1).cpu()  # position j predicts continuation token j + 1
+    first = first.cpu().repeat_interleave(n_cand, 0)
+    scores = torch.empty(rows, dtype=torch.float64)
+    for r in range(rows):
+        c = conts[r % n_cand]
+        total = first[r, c[0]].double()
+        for j in range(1, len(c)):
+            total = total + logp[r, j - 1, c[j]].double()
+        scores[r] = total
+    return scores.reshape(len(prompts), n_cand)
+
+
 class _TokenMaskFromInputs:
     """Forward pre-hook for generation: real-token mask for the prefill, none for decoding steps.
 
@@ -276,14 +333,7 @@ class InstructionTask(Task):
         mask = batch["attention_mask"].bool()
         prompts = [row[m].tolist() for row, m in zip(batch["input_ids"].cpu(), mask.cpu())]
 
-        def logits_fn(ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
-            device = batch["input_ids"].device
-            rows = {"input_ids": ids, "attention_mask": attn, "position_ids": positions}
-            rows = {k: v.to(device) for k, v in rows.items()}
-            return self.logits(module, {**rows, "logits_to_keep": keep})
-
-        benchmark = batch["benchmark"]
-        return score_candidates(logits_fn, prompts, self.candidates(benchmark), self.pad_id).argmax(dim=1)
+        return score_candidates_cached(module, prompts, self.candidates(batch["benchmark"]), self.pad_id).argmax(dim=1)
 
     def predict_generation(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> list[int | None]:
         """Index of the answer word extracted from the greedy output (``None``: no match)."""
