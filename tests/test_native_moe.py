@@ -423,3 +423,29 @@ def test_left_padded_generation_and_token_mask_keep_real_tokens_exact():
             block.token_mask = mask
         masked = model(**batch).logits
     assert (masked[mask] - unmasked[mask]).abs().max().item() <= 1e-5
+
+
+def test_balance_loss_and_tier_scale():
+    """balance_loss: the Switch loss of this step's routing, with a router gradient; tier_scale scales the routed part."""
+    from ubsmoe.smoe.routing import switch_balance_loss
+
+    model = tiny_model("qwen2_moe", seed=10, num_experts_per_tok=4)
+    sharpen_routers(model)
+    convert(model, lora_rank=0, dmr=False, balance_loss=True, num_tiers=2)
+    block = model.model.layers[0].mlp
+    block.set_k(2)
+    block.train()
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
+    block(x)
+    probs = torch.softmax(x[0] @ block.router.weight.t(), dim=-1)
+    counts = torch.bincount(probs.topk(2, dim=-1).indices.reshape(-1), minlength=8)
+    torch.testing.assert_close(block.aux_loss, switch_balance_loss(probs, counts, 2))
+    block.aux_loss.backward()
+    assert block.router.weight.grad.abs().sum() > 0
+    block.eval()
+    with torch.no_grad():
+        block.tier_scale[1] = 0.0
+        block.tier_index = 1
+        shared_only = torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+        torch.testing.assert_close(block(x), shared_only)
+        assert block.aux_loss is None  # only in training
