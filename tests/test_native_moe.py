@@ -449,3 +449,30 @@ def test_balance_loss_and_tier_scale():
         shared_only = torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
         torch.testing.assert_close(block(x), shared_only)
         assert block.aux_loss is None  # only in training
+
+
+def test_grouped_mm_products_match_the_loop():
+    """The grouped_mm products (the default off CPU) give the loop's values and gradients (float32, forced on CPU)."""
+    from ubsmoe.smoe.native_layer import grouped_mm_supported
+
+    results = []
+    for grouped in (False, True):
+        model = tiny_model("olmoe", seed=11, num_experts_per_tok=4)
+        sharpen_routers(model)
+        convert(model, lora_rank=4)
+        block = model.model.layers[0].mlp
+        with torch.no_grad():
+            for t in block.lora.tensors():
+                t.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
+        block.grouped_mm = grouped
+        block.set_k(1)  # 1 of 8 experts for 6 real tokens: some experts get no row
+        block.train()
+        x = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        block.token_mask = torch.tensor([[True] * 6 + [False] * 2])
+        y = block(x)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+        assert bool((block.counters("step")["expert_tokens"] == 0).any())
+        results.append([y.detach(), x.grad, block.router.weight.grad, *(t.grad for t in block.lora.tensors()), block.pg_default])
+    assert grouped_mm_supported(torch.zeros(2, 64), block.lora.lora_B1)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
