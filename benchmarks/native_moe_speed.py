@@ -152,7 +152,7 @@ def moe_time(pairs, device: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after warm-up)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after warm-up)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)

@@ -423,3 +423,56 @@ def test_left_padded_generation_and_token_mask_keep_real_tokens_exact():
             block.token_mask = mask
         masked = model(**batch).logits
     assert (masked[mask] - unmasked[mask]).abs().max().item() <= 1e-5
+
+
+def test_balance_loss_and_tier_scale():
+    """balance_loss: the Switch loss of this step's routing, with a router gradient; tier_scale scales the routed part."""
+    from ubsmoe.smoe.routing import switch_balance_loss
+
+    model = tiny_model("qwen2_moe", seed=10, num_experts_per_tok=4)
+    sharpen_routers(model)
+    convert(model, lora_rank=0, dmr=False, balance_loss=True, num_tiers=2)
+    block = model.model.layers[0].mlp
+    block.set_k(2)
+    block.train()
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
+    block(x)
+    probs = torch.softmax(x[0] @ block.router.weight.t(), dim=-1)
+    counts = torch.bincount(probs.topk(2, dim=-1).indices.reshape(-1), minlength=8)
+    torch.testing.assert_close(block.aux_loss, switch_balance_loss(probs, counts, 2))
+    block.aux_loss.backward()
+    assert block.router.weight.grad.abs().sum() > 0
+    block.eval()
+    with torch.no_grad():
+        block.tier_scale[1] = 0.0
+        block.tier_index = 1
+        shared_only = torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+        torch.testing.assert_close(block(x), shared_only)
+        assert block.aux_loss is None  # only in training
+
+
+def test_grouped_mm_products_match_the_loop():
+    """The grouped_mm products (the default off CPU) give the loop's values and gradients (float32, forced on CPU)."""
+    from ubsmoe.smoe.native_layer import grouped_mm_supported
+
+    results = []
+    for grouped in (False, True):
+        model = tiny_model("olmoe", seed=11, num_experts_per_tok=4)
+        sharpen_routers(model)
+        convert(model, lora_rank=4)
+        block = model.model.layers[0].mlp
+        with torch.no_grad():
+            for t in block.lora.tensors():
+                t.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
+        block.grouped_mm = grouped
+        block.set_k(1)  # 1 of 8 experts for 6 real tokens: some experts get no row
+        block.train()
+        x = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        block.token_mask = torch.tensor([[True] * 6 + [False] * 2])
+        y = block(x)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+        assert bool((block.counters("step")["expert_tokens"] == 0).any())
+        results.append([y.detach(), x.grad, block.router.weight.grad, *(t.grad for t in block.lora.tensors()), block.pg_default])
+    assert grouped_mm_supported(torch.zeros(2, 64), block.lora.lora_B1)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -121,49 +121,112 @@ class SortedAssignments:
         return cached
 
 
+class SegmentProducts:
+    """Per-expert products over a plan's expert-contiguous rows: one ``mm`` per expert with rows.
+
+    ``rows_t(a, w)``: row ``i`` of ``a`` times ``w[e_i]^T`` (``w`` stored ``[E, n, k]``, as
+    nn.Linear weights); ``rows(a, w)``: times ``w[e_i]``; ``outer(a, b)``: ``[E, m, n]`` with
+    ``a[rows of e]^T b[rows of e]`` (zero for an expert without rows); ``sums(a)``: ``[E, m]``.
+    """
+
+    def __init__(self, plan: SortedAssignments) -> None:
+        self.plan = plan
+        self.segments = plan.segments()
+
+    def rows_t(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = a.new_empty(a.shape[0], w.shape[1])
+        for e, start, count in self.segments:
+            torch.mm(a[start : start + count], w[e].t(), out=out[start : start + count])
+        return out
+
+    def rows(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = a.new_empty(a.shape[0], w.shape[2])
+        for e, start, count in self.segments:
+            torch.mm(a[start : start + count], w[e], out=out[start : start + count])
+        return out
+
+    def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = a.new_zeros(self.plan.counts.shape[0], a.shape[1], b.shape[1])
+        for e, start, count in self.segments:
+            torch.mm(a[start : start + count].t(), b[start : start + count], out=out[e])
+        return out
+
+    def sums(self, a: torch.Tensor) -> torch.Tensor:
+        out = a.new_zeros(self.plan.counts.shape[0], a.shape[1])
+        for e, start, count in self.segments:
+            torch.sum(a[start : start + count], dim=0, out=out[e])
+        return out
+
+
+class GroupedProducts(SegmentProducts):
+    """The same products with ``torch.nn.functional.grouped_mm``: one kernel for all experts, no host sync.
+
+    Worth it on a GPU (a handful of launches instead of a dozen per expert); on this CPU it
+    measured no faster than the loop, and it needs float32/bf16/fp16 with 16-byte-aligned rows.
+    """
+
+    def __init__(self, plan: SortedAssignments) -> None:
+        self.plan = plan
+        self.offsets = torch.cumsum(plan.counts, 0, dtype=torch.int32)
+
+    def rows_t(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.grouped_mm(a, w.transpose(1, 2), offs=self.offsets)
+
+    def rows(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.grouped_mm(a, w, offs=self.offsets)
+
+    def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = F.grouped_mm(a.t(), b, offs=self.offsets)
+        return out.masked_fill((self.plan.counts == 0)[:, None, None], 0.0)  # empty groups: zero, whatever the kernel
+
+    def sums(self, a: torch.Tensor) -> torch.Tensor:
+        experts = torch.repeat_interleave(torch.arange(self.plan.counts.shape[0], device=a.device), self.plan.counts)
+        return a.new_zeros(self.plan.counts.shape[0], a.shape[1]).index_add_(0, experts, a)
+
+
+def grouped_mm_supported(*tensors: torch.Tensor) -> bool:
+    """Whether :class:`GroupedProducts` can run on these tensors (dtype and 16-byte row alignment)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or (t.shape[-1] * t.element_size()) % 16:
+            return False
+    return True
+
+
 class SwiGLUExperts(torch.autograd.Function):
     """Sorted dispatch of SwiGLU experts with a hand-written backward (the frozen stacks never enter autograd).
 
     Inputs: ``x [N, h]``; ``gates [A]`` (one per sorted assignment); the four LoRA stacks (or
     ``None``); the :class:`SortedAssignments`; the frozen ``gate_up [E, 2d, h]`` and
     ``down [E, h, d]``; the LoRA scaling; the activation; whether to return the per-expert sums
-    of the hidden units. Returns ``y [N, h] = sum_a g_a E_{e_a}(x_{t_a})`` and the sums ``[E, d]``
-    (no gradient). Gradients: ``x``, ``gates`` (``<dL/dy, E_e(x)>``) and the LoRA stacks, the
-    same as :meth:`NativeSparseMoE.run_experts_autograd` computes in autograd.
+    of the hidden units; the products class (:class:`SegmentProducts` or
+    :class:`GroupedProducts`). Returns ``y [N, h] = sum_a g_a E_{e_a}(x_{t_a})`` and the sums
+    ``[E, d]`` (no gradient). Gradients: ``x``, ``gates`` (``<dL/dy, E_e(x)>``) and the LoRA
+    stacks, the same as :meth:`NativeSparseMoE.run_experts_autograd` computes in autograd.
     """
 
     @staticmethod
-    def forward(ctx, x, gates, a1, b1, a2, b2, plan, gate_up, down, scaling, act, want_sums):
+    def forward(ctx, x, gates, a1, b1, a2, b2, plan, gate_up, down, scaling, act, want_sums, products_cls):
         d = down.shape[2]
-        segments = plan.segments()
         has_lora = a1 is not None
-        total = plan.tokens.shape[0]
+        products = products_cls(plan)
         xs = x.index_select(0, plan.tokens)
-        gu = x.new_empty(total, 2 * d)
-        xa = x.new_empty(total, a1.shape[1]) if has_lora else None
-        for e, start, count in segments:
-            rows = slice(start, start + count)
-            torch.mm(xs[rows], gate_up[e].t(), out=gu[rows])
-            if has_lora:
-                torch.mm(xs[rows], a1[e].t(), out=xa[rows])
-                gu[rows].addmm_(xa[rows], b1[e].t(), alpha=scaling)
+        gu = products.rows_t(xs, gate_up)  # [A, 2d]
+        xa = ha = None
+        if has_lora:
+            xa = products.rows_t(xs, a1)  # [A, r]
+            gu.add_(products.rows_t(xa, b1), alpha=scaling)
         g, u = gu[:, :d], gu[:, d:]
         hidden = act.forward(g) * u
-        out = x.new_empty(total, x.shape[1])
-        ha = x.new_empty(total, a2.shape[1]) if has_lora else None
-        for e, start, count in segments:
-            rows = slice(start, start + count)
-            torch.mm(hidden[rows], down[e].t(), out=out[rows])
-            if has_lora:
-                torch.mm(hidden[rows], a2[e].t(), out=ha[rows])
-                out[rows].addmm_(ha[rows], b2[e].t(), alpha=scaling)
+        out = products.rows_t(hidden, down)  # [A, h]
+        if has_lora:
+            ha = products.rows_t(hidden, a2)
+            out.add_(products.rows_t(ha, b2), alpha=scaling)
         y = x.new_zeros(x.shape).index_add_(0, plan.tokens, out * gates[:, None])
-        sums = x.new_zeros(down.shape[0], d)
-        if want_sums:
-            for e, start, count in segments:
-                torch.sum(hidden[start : start + count], dim=0, out=sums[e])
+        sums = products.sums(hidden) if want_sums else x.new_zeros(down.shape[0], d)
         ctx.save_for_backward(xs, gu, hidden, out, xa, ha, gates, a1, b1, a2, b2, gate_up, down)
-        ctx.plan = plan
+        ctx.products = products
         ctx.meta = (scaling, act, has_lora, x.shape[0])
         ctx.mark_non_differentiable(sums)
         return y, sums
@@ -171,49 +234,33 @@ class SwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dsums):
         xs, gu, hidden, out, xa, ha, gates, a1, b1, a2, b2, gate_up, down = ctx.saved_tensors
-        plan = ctx.plan
+        products = ctx.products
+        plan = products.plan
         scaling, act, has_lora, num_tokens = ctx.meta
         d = down.shape[2]
-        segments = plan.segments()
         dys = dy.index_select(0, plan.tokens)
         dgates = (dys * out).sum(1) if ctx.needs_input_grad[1] else None
         dout = dys * gates[:, None]
-        dhidden = torch.empty_like(hidden)
+        dhidden = products.rows(dout, down)  # [A, d]
         da1 = db1 = da2 = db2 = None
         if has_lora:
-            da1, da2 = torch.zeros_like(a1), torch.zeros_like(a2)
-            db1_t = torch.zeros(b1.shape[0], b1.shape[2], b1.shape[1], dtype=b1.dtype, device=b1.device)
-            db2_t = torch.zeros(b2.shape[0], b2.shape[2], b2.shape[1], dtype=b2.dtype, device=b2.device)
-        for e, start, count in segments:
-            rows = slice(start, start + count)
-            torch.mm(dout[rows], down[e], out=dhidden[rows])
-            if has_lora:
-                t2 = torch.mm(dout[rows], b2[e])  # [A_e, r]
-                dhidden[rows].addmm_(t2, a2[e], alpha=scaling)
-                torch.mm(t2.t(), hidden[rows], out=da2[e])
-                torch.mm(ha[rows].t(), dout[rows], out=db2_t[e])
+            t2 = products.rows(dout, b2)  # [A, r]
+            dhidden.add_(products.rows(t2, a2), alpha=scaling)
+            da2 = products.outer(t2, hidden).mul_(scaling)
+            # B's gradient as [E, r, out] then flipped: products with r output rows are faster
+            db2 = products.outer(ha, dout).transpose(1, 2).mul(scaling).contiguous()
         g, u = gu[:, :d], gu[:, d:]
-        dgu = torch.empty_like(gu)
-        dgu[:, :d] = act.backward(dhidden * u, g)
-        torch.mul(dhidden, act.forward(g), out=dgu[:, d:])
-        dxs = torch.empty_like(xs)
-        for e, start, count in segments:
-            rows = slice(start, start + count)
-            torch.mm(dgu[rows], gate_up[e], out=dxs[rows])
-            if has_lora:
-                t1 = torch.mm(dgu[rows], b1[e])  # [A_e, r]
-                dxs[rows].addmm_(t1, a1[e], alpha=scaling)
-                torch.mm(t1.t(), xs[rows], out=da1[e])
-                torch.mm(xa[rows].t(), dgu[rows], out=db1_t[e])
+        dgu = torch.cat([act.backward(dhidden * u, g), dhidden * act.forward(g)], dim=1)
+        dxs = products.rows(dgu, gate_up)  # [A, h]
         if has_lora:
-            da1.mul_(scaling)
-            da2.mul_(scaling)
-            db1 = db1_t.transpose(1, 2).mul(scaling).contiguous()
-            db2 = db2_t.transpose(1, 2).mul(scaling).contiguous()
+            t1 = products.rows(dgu, b1)  # [A, r]
+            dxs.add_(products.rows(t1, a1), alpha=scaling)
+            da1 = products.outer(t1, xs).mul_(scaling)
+            db1 = products.outer(xa, dgu).transpose(1, 2).mul(scaling).contiguous()
         dx = None
         if ctx.needs_input_grad[0]:
             dx = dxs.new_zeros(num_tokens, dxs.shape[1]).index_add_(0, plan.tokens, dxs)
-        return (dx, dgates, da1, db1, da2, db2) + (None,) * 6
+        return (dx, dgates, da1, db1, da2, db2) + (None,) * 7
 
 
 class NativeSparseMoE(nn.Module):
@@ -260,6 +307,7 @@ class NativeSparseMoE(nn.Module):
         self.k = min(rule.top_k, k_max)
         self.tier_index = 0
         self.dispatch = "sorted"  # "sorted" (SwiGLUExperts kernel) | "autograd" (reference, for tests)
+        self.grouped_mm: bool | None = None  # the kernel's products: None = grouped_mm off CPU, loop on CPU
         self.token_mask: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self._signal_defaults: torch.Tensor | None = None  # the D_i this step's router signal used
@@ -352,9 +400,14 @@ class NativeSparseMoE(nn.Module):
             scaling = self.lora.scaling
         else:
             lora, scaling = (None,) * 4, 1.0
+        grouped = self.grouped_mm
+        if grouped is None:  # auto: on accelerators, where it saves launches and host syncs
+            adapters = [t for t in lora if t is not None]
+            grouped = gate_up.device.type != "cpu" and grouped_mm_supported(x, gate_up, down, *adapters)
+        products = GroupedProducts if grouped else SegmentProducts
         y, sums = SwiGLUExperts.apply(
             x.to(dtype), plan.gates.to(dtype), *lora, plan, gate_up.detach(), down.detach(), scaling, self.activation,
-            want_sums,
+            want_sums, products,
         )  # fmt: skip
         return y.to(x.dtype), (sums if want_sums else None)
 
