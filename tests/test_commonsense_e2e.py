@@ -48,6 +48,7 @@ def test_every_method_runs_two_rounds_with_every_tier_and_benchmark(tmp_path: Pa
         assert {f"{b}/acc" for b in BENCHMARKS} <= set(r["metrics"])
         assert r["main_metric"] == r["metrics"]["mean_acc"]
         assert 0.0 <= r["main_metric"] <= 1.0 and r["flops_per_example"] > 0
+        assert r["train_loss"] is None or r["train_loss"] > 1.0  # every batch has response tokens to learn
         if method == "ubsmoe":
             assert {f"{b}/acc_gen" for b in BENCHMARKS} | {f"{b}/no_answer" for b in BENCHMARKS} <= set(r["metrics"])
     last = [r for r in records if r["round"] == 2]

@@ -76,8 +76,10 @@ def test_labels_mask_the_prompt_and_keep_the_response() -> None:
     response = encoded["labels"][n_prompt:]
     assert TOK.decode(response[:-1]) == RECORD["output"] and response[-1] == TOK.eos_token_id
     assert encoded["input_ids"][n_prompt:] == response
-    short = encode_train(TOK, RECORD, n_prompt + 3)
-    assert len(short["input_ids"]) == n_prompt + 3  # truncated to max_length
+    short = encode_train(TOK, RECORD, n_prompt)  # too long: the prompt loses its start, the response stays whole
+    assert len(short["input_ids"]) == n_prompt and short["labels"][-len(response) :] == response
+    kept = n_prompt - len(response)
+    assert short["input_ids"][:kept] == TOK(format_prompt(RECORD))["input_ids"][-kept:]
 
 
 def test_loss_depends_on_response_tokens_only() -> None:

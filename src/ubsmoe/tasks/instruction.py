@@ -71,15 +71,18 @@ def prompt_ids(tokenizer: Any, record: Mapping[str, Any], max_length: int) -> li
 
 
 def encode_train(tokenizer: Any, record: Mapping[str, Any], max_length: int) -> dict[str, list[int]]:
-    """``input_ids`` = prompt + response + EOS, ``labels`` = -100 on the prompt (loss on the response only)."""
-    prompt = prompt_ids(tokenizer, record, max_length)
+    """``input_ids`` = prompt + response + EOS, ``labels`` = -100 on the prompt (loss on the response only).
+
+    Too long: the prompt loses its beginning (as evaluation prompts do) so that the response, the
+    only part with a loss, always fits; a response longer than ``max_length - 1`` keeps its start.
+    """
     response = record.get("output") or record["answer"]
     target = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         target.append(int(tokenizer.eos_token_id))
-    ids = (prompt + target)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt) + target)[:max_length]
-    return {"input_ids": ids, "labels": labels}
+    target = target[: max_length - 1]
+    prompt = prompt_ids(tokenizer, record, max_length - len(target))
+    return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
 
 
 def pad_id_of(tokenizer: Any) -> int:
