@@ -36,6 +36,12 @@ POOLINGS = ("mean", "cls")
 ROUTER_INITS = ("centroid", "zeros")
 PARTITIONS = ("dirichlet", "iid")
 ACCELERATORS = ("cpu", "cuda", "mps", "auto")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+ADAPTERS = ("moefy", "native")  # model.adapter (ubsmoe.backbones.ADAPTERS)
+DATA_KINDS = ("glue", "commonsense")  # data.kind: GLUE classification | commonsense instruction tuning
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+EVAL_MODES = ("likelihood", "generation", "both")
+PARTITION_BY = ("source", "answer")
 
 
 @dataclass(frozen=True)
@@ -168,9 +174,40 @@ def validate(cfg: DictConfig) -> list[Tier]:
         _require_float(cfg, "method.self_pruning.gamma", 0.0, 1.0, low_open=True)
         _require_float(cfg, "method.self_pruning.strength", 0.0)
 
-    _require_int(cfg, "model.num_experts", 1)
-    _require_choice(cfg, "model.pooling", POOLINGS)
-    _require_choice(cfg, "model.router_init", ROUTER_INITS)
+    adapter = _optional(cfg, "model.adapter", "moefy")
+    if adapter not in ADAPTERS:
+        raise ConfigError("model.adapter", adapter, f"one of {', '.join(ADAPTERS)}")
+    kind = _optional(cfg, "data.kind", "glue")
+    if kind not in DATA_KINDS:
+        raise ConfigError("data.kind", kind, f"one of {', '.join(DATA_KINDS)}")
+    if adapter == "moefy":
+        _require_int(cfg, "model.num_experts", 1)
+        _require_choice(cfg, "model.pooling", POOLINGS)
+        _require_choice(cfg, "model.router_init", ROUTER_INITS)
+        if kind != "glue":
+            raise ConfigError(
+                "model.adapter", adapter, f"native for data.kind={kind} (a causal decoder; moefy cuts encoders)"
+            )
+    else:
+        if _optional(cfg, "model.num_experts", None) is not None:
+            raise ConfigError(
+                "model.num_experts", _get(cfg, "model.num_experts"), "null for native backbones (E is the checkpoint's)"
+            )
+        if _optional(cfg, "model.dtype", "float32") not in MODEL_DTYPES:
+            raise ConfigError("model.dtype", _get(cfg, "model.dtype"), f"one of {', '.join(MODEL_DTYPES)}")
+        router_dtype = _optional(cfg, "model.router_dtype", "float32")
+        if router_dtype is not None and router_dtype not in MODEL_DTYPES:
+            allowed = f"null (the weights' dtype) or one of {', '.join(MODEL_DTYPES)}"
+            raise ConfigError("model.router_dtype", router_dtype, allowed)
+        for key in ("model.pretrained", "model.gradient_checkpointing"):
+            if not isinstance(_optional(cfg, key, False), bool):
+                raise ConfigError(key, _get(cfg, key), "true or false")
+        if kind == "glue":
+            raise ConfigError(
+                "model.adapter", adapter, "moefy for data.kind=glue (native backbones train instruction tasks)"
+            )
+    if _optional(cfg, "model.k_max", None) is not None:
+        _require_int(cfg, "model.k_max", 1)  # the upper bound (M or E) is checked with the backbone's config
     if _get(cfg, "model.dropout") is not None:
         _require_float(cfg, "model.dropout", 0.0, 1.0, high_open=True)
     if not isinstance(_get(cfg, "model.backbone"), str) or not _get(cfg, "model.backbone"):
@@ -189,7 +226,10 @@ def validate(cfg: DictConfig) -> list[Tier]:
     for key in ("data.max_train_examples", "data.max_eval_examples"):
         if _get(cfg, key) is not None:
             _require_int(cfg, key, 1)
-    _require_int(cfg, "data.regression_buckets", 2)
+    if kind == "glue":
+        _require_int(cfg, "data.regression_buckets", 2)
+    else:
+        _validate_commonsense(cfg)
 
     num_clients = _require_int(cfg, "federation.num_clients", 1)
     per_round = _require_int(cfg, "federation.clients_per_round", 1)
@@ -217,6 +257,8 @@ def validate(cfg: DictConfig) -> list[Tier]:
     if _get(cfg, "logger.name") == "wandb":
         _require_choice(cfg, "logger.mode", WANDB_MODES)
     _require_choice(cfg, "fabric.accelerator", ACCELERATORS)
+    if str(_get(cfg, "fabric.precision")) not in PRECISIONS:
+        raise ConfigError("fabric.precision", _get(cfg, "fabric.precision"), f"one of {', '.join(PRECISIONS)}")
     from ubsmoe.fl.backends import BACKENDS
 
     _require_choice(cfg, "backend.name", tuple(BACKENDS))
@@ -273,17 +315,63 @@ def fault_policy(cfg: DictConfig) -> FaultPolicy:
     )
 
 
+def _optional(cfg: DictConfig, key: str, default: Any) -> Any:
+    """A key that older configs may not have (its documented default then)."""
+    return OmegaConf.select(cfg, key, default=default)
+
+
+def _validate_commonsense(cfg: DictConfig) -> None:
+    """The ``data`` keys of ``data.kind: commonsense`` (configs/data/commonsense.yaml)."""
+    from ubsmoe.data.commonsense import BENCHMARKS
+
+    _require_choice(cfg, "data.eval_mode", EVAL_MODES)
+    _require_int(cfg, "data.max_new_tokens", 1)
+    _require_choice(cfg, "data.partition_by", PARTITION_BY)
+    source = _get(cfg, "data.train_source")
+    if not isinstance(source, str) or not source:
+        raise ConfigError("data.train_source", source, "'local', a JSON path or URL, or a hub dataset id")
+    if not isinstance(_get(cfg, "data.likelihood_prefix"), str):
+        raise ConfigError("data.likelihood_prefix", _get(cfg, "data.likelihood_prefix"), "a string (may be empty)")
+    for key, allow_empty in (("data.eval_benchmarks", False), ("data.train_benchmarks", True)):
+        value = _get(cfg, key)
+        if not isinstance(value, (list, ListConfig)) or (not value and not allow_empty):
+            allowed = f"a {'' if allow_empty else 'non-empty '}list of benchmarks among {list(BENCHMARKS)}"
+            raise ConfigError(key, value, allowed)
+        for name in value:
+            if name not in BENCHMARKS:
+                raise ConfigError(key, name, f"benchmarks among {list(BENCHMARKS)}")
+        if len(set(value)) != len(value):
+            raise ConfigError(key, list(value), "each benchmark at most once")
+    if _get(cfg, "data.train_source") == "local" and not _get(cfg, "data.train_benchmarks"):
+        raise ConfigError("data.train_benchmarks", [], "at least one benchmark when data.train_source is 'local'")
+    hub = _get(cfg, "data.hub_test_files")
+    if hub is not None and (
+        not isinstance(hub, (dict, DictConfig))
+        or any(k not in BENCHMARKS or not isinstance(v, str) for k, v in hub.items())
+    ):
+        raise ConfigError(
+            "data.hub_test_files", hub, f"a mapping benchmark -> path/URL/hub id, benchmarks among {list(BENCHMARKS)}"
+        )
+
+
 def model_settings(cfg: DictConfig) -> ModelSettings:
     """The validated ``model`` group as :class:`ModelSettings`."""
     raw = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(raw, dict)
+    defaults = ModelSettings()
     return ModelSettings(
         name=raw["name"],
         backbone=raw["backbone"],
-        pooling=raw["pooling"],
-        num_experts=raw["num_experts"],
-        router_init=raw["router_init"],
+        adapter=raw.get("adapter", defaults.adapter),
+        pooling=raw.get("pooling", defaults.pooling),
+        num_experts=raw.get("num_experts") or defaults.num_experts,  # native: replaced by the checkpoint's E
+        router_init=raw.get("router_init", defaults.router_init),
         dropout=raw.get("dropout"),
+        k_max=raw.get("k_max"),
+        dtype=raw.get("dtype", defaults.dtype),
+        pretrained=raw.get("pretrained", defaults.pretrained),
+        gradient_checkpointing=raw.get("gradient_checkpointing", defaults.gradient_checkpointing),
+        router_dtype=raw.get("router_dtype", defaults.router_dtype),
         lora=LoraSettings(**raw["lora"]),
         optim=OptimSettings(**raw["optim"]),
     )

@@ -96,6 +96,9 @@ def _load_run(run_dir: Path) -> _Run:
     if not checkpoint_path.is_file():
         raise ConfigError("run_dir", str(run_dir), f"a run directory with a checkpoint ({CHECKPOINT_FILE})")
     tiers = validate(cfg)
+    if OmegaConf.select(cfg, "data.kind", default="glue") != "glue":
+        raise ConfigError("run_dir", str(run_dir), "a GLUE-kind run (data.kind=glue or your own data): exporting "
+                          "instruction-tuned decoders is not built yet")  # fmt: skip
     if cfg.data.get("custom"):
         from ubsmoe.data.user_task import user_task
 
@@ -105,7 +108,7 @@ def _load_run(run_dir: Path) -> _Run:
     init_seed = derive_seed(cfg.seed, "init")
     module = FederatedClassifier(
         model=model_cfg, method=method_cfg, num_labels=task.num_labels, metrics=build_metrics(task),
-        num_tiers=len(tiers), init_seed=init_seed,
+        num_tiers=len(tiers), init_seed=init_seed, main_metric=task.main_metric,
     )  # fmt: skip
     strategy = build_strategy(
         method_cfg,
@@ -274,7 +277,8 @@ def load_exported(path: str | Path) -> ExportedModel:
         info["main_metric"],
     )
     module = FederatedClassifier(model=model, method=method, num_labels=task.num_labels, metrics=build_metrics(task),
-                                 num_tiers=manifest["num_tiers"], init_seed=manifest["init_seed"])  # fmt: skip
+                                 num_tiers=manifest["num_tiers"], init_seed=manifest["init_seed"],
+                                 main_metric=task.main_metric)  # fmt: skip
     tensors = load_file(str(root / WEIGHTS))
     for layer, block in module.blocks.items():
         order = tensors.get(f"neuron_order/{layer}")

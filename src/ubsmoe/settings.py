@@ -32,10 +32,16 @@ class OptimSettings:
 class ModelSettings:
     name: str = "minilm"
     backbone: str = "minilm"
+    adapter: str = "moefy"  # moefy (dense encoder cut into experts) | native (sparse decoder's own experts)
     pooling: str = "mean"
     num_experts: int = 8
     router_init: str = "centroid"
     dropout: float | None = None  # None keeps the backbone's own hidden/attention dropout
+    k_max: int | None = None  # None: M for moefy, the checkpoint's configured top-k for native
+    dtype: str = "float32"  # native: weights' dtype when loading (bfloat16 for the hub checkpoints)
+    pretrained: bool = True  # native: false = random init from the config (tiny CPU models)
+    router_dtype: str | None = "float32"  # native: the trainable router's dtype (None = the weights' dtype)
+    gradient_checkpointing: bool = False  # native: recompute each decoder layer in backward (less activation memory)
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
 

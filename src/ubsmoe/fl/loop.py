@@ -40,7 +40,6 @@ from ubsmoe.fl.server import ClientSampler, ServerState, aggregate_utilization, 
 from ubsmoe.fl.strategies.base import Strategy
 from ubsmoe.fl.summary import RoundSummary, TierEvaluation
 from ubsmoe.fl.validation import screen_results
-from ubsmoe.smoe.flops import flops_per_example
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -125,14 +124,9 @@ class FederatedLoop:
         return total / max(sum(self.eval_lengths.values()), 1)
 
     def _dense_flops(self) -> float:
-        """Forward FLOPs per evaluation example of the dense backbone with full-rank LoRA (the reference)."""
-        settings = self.module.model_settings
-        dims = self.module.encoder_dims()
-        return self._mean_flops(
-            lambda length: flops_per_example(
-                dims, length, lora_rank=settings.lora.rank, sparse=False, ffn_lora=settings.lora.ffn
-            )
-        )
+        """Forward FLOPs per evaluation example of the reference model with full-rank LoRA (the backbone
+        adapter's reference: the dense FFN for moefy, the model at its configured top-k for native)."""
+        return self._mean_flops(self.module.reference_flops_per_example)
 
     def _tier_flops(self, tier_index: int) -> float:
         """Forward FLOPs per evaluation example at the tier's K / rank (analytic)."""
@@ -284,33 +278,29 @@ class FederatedLoop:
     # ----------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, TierEvaluation]:
-        """The global model on every evaluation split, once per tier at that tier's K / rank."""
+        """The global model on every evaluation split, once per tier at that tier's K / rank.
+
+        What is computed on the splits (torchmetrics per batch, generation, likelihood of answer
+        words...) is the task's business (:meth:`ubsmoe.tasks.base.Task.evaluate`).
+        """
         module = self.module
         module.eval()
         results: dict[str, TierEvaluation] = {}
-        main = self.data.task.main_metric
         for tier_index, tier in enumerate(self.tiers):
             # Each tier sees the global model exactly as a client of that tier receives it.
             spec = self.tier_spec(tier_index)
             load_payload(module, spec, self.strategy.configure_client(self.server, spec))
             module.reset_telemetry()
-            metrics: dict[str, float] = {}
-            for split, loader in self.data.eval_loaders.items():
-                for i, batch in enumerate(loader):
-                    with self.fabric.autocast():
-                        module.validation_step(self.fabric.to_device(batch), i)
-                values = module.compute_validation()
-                prefix = "" if len(self.data.eval_loaders) == 1 else f"{split}/"
-                metrics.update({f"{prefix}{k}": v for k, v in values.items()})
+            scored = module.evaluate(self.data.eval_loaders, self.fabric)
+            metrics = scored.metrics
             telemetry = module.telemetry()
-            first_prefix = "" if len(self.data.eval_loaders) == 1 else f"{next(iter(self.data.eval_loaders))}/"
             results[tier.name] = TierEvaluation(
                 tier=tier.name,
                 beta=tier.beta,
                 k=spec.k,
                 rank=spec.rank,
                 metrics=metrics,
-                main_metric=metrics[f"{first_prefix}{main}"],
+                main_metric=scored.main_metric,
                 flops_per_example=self.tier_flops(tier_index),
                 utilization={
                     layer: t["expert_tokens"].double() / max(float(t["tokens"]), 1.0) for layer, t in telemetry.items()

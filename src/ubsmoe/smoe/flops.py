@@ -94,3 +94,68 @@ def measure_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------- native sparse decoders
+@dataclass(frozen=True)
+class DecoderDims:
+    """The shapes of a natively sparse decoder (OLMoE, Qwen-MoE, Mixtral) that its FLOPs depend on."""
+
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    num_experts: int
+    expert_size: int  # d: each expert is SwiGLU h -> 2d (gate, up) -> d -> h
+    sparse_layers: int  # layers whose MLP is a sparse block; the others run a dense SwiGLU MLP
+    dense_intermediate: int = 0  # width of those dense MLPs
+    shared_expert_size: int = 0  # Qwen2-MoE's always-on expert (0 = none)
+    shared_expert_gate: bool = False  # its sigmoid gate, a Linear h -> 1
+    # (in, out) features of each attention Linear that carries LoRA, in one layer
+    attention_lora: tuple[tuple[int, int], ...] = ()
+
+
+def decoder_attention_flops(dims: DecoderDims, seq_len: int, lora_rank: int) -> float:
+    """Per token and layer: Q, K, V, O projections (grouped K/V), ``Q K^T`` and ``P V``, LoRA.
+
+    The eager kernel multiplies the full ``L x L`` score matrix (the causal mask is applied to
+    it, not skipped), so the two products cost ``seq_len`` per query head whatever the position.
+    """
+    q_width, kv_width = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
+    projections = 2.0 * dims.hidden * (2 * q_width + 2 * kv_width)
+    scores_and_context = 2 * 2.0 * seq_len * q_width
+    adapters = sum(lora_flops(i, o, lora_rank) for i, o in dims.attention_lora) if lora_rank else 0.0
+    return projections + scores_and_context + adapters
+
+
+def swiglu_flops(hidden: int, width: int) -> float:
+    """Per token: ``h -> 2 width`` (gate and up) then ``width -> h``."""
+    return 2.0 * hidden * 2 * width + 2.0 * width * hidden
+
+
+def native_moe_flops(dims: DecoderDims, k: int, lora_rank: int) -> float:
+    """Per token and sparse layer: the router, ``k`` SwiGLU experts with LoRA on gate_up and down, the shared expert."""
+    h, d = dims.hidden, dims.expert_size
+    router = 2.0 * h * dims.num_experts
+    adapters = lora_flops(h, 2 * d, lora_rank) + lora_flops(d, h, lora_rank) if lora_rank else 0.0
+    shared = swiglu_flops(h, dims.shared_expert_size) if dims.shared_expert_size else 0.0
+    shared_gate = 2.0 * h if dims.shared_expert_gate else 0.0
+    return router + k * (swiglu_flops(h, d) + adapters) + shared + shared_gate
+
+
+def decoder_flops_per_token(
+    dims: DecoderDims, seq_len: int, *, k: int, lora_rank: int, expert_lora: bool = True, lm_head: bool = True
+) -> float:
+    """Analytic forward FLOPs per token of a ``seq_len``-token sequence (no padding) at ``k`` experts.
+
+    ``lora_rank`` applies to the attention LoRA and (with ``expert_lora``) to the experts'.
+    The LM head (``h -> vocab`` on every position, as a training forward computes it) is included
+    with ``lm_head``.
+    """
+    attention = decoder_attention_flops(dims, seq_len, lora_rank)
+    moe = native_moe_flops(dims, k, lora_rank if expert_lora else 0)
+    dense = swiglu_flops(dims.hidden, dims.dense_intermediate)
+    total = dims.num_layers * attention + dims.sparse_layers * moe + (dims.num_layers - dims.sparse_layers) * dense
+    return total + (2.0 * dims.hidden * dims.vocab if lm_head else 0.0)

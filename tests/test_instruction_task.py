@@ -1,0 +1,229 @@
+"""The instruction task: prompt, response-only loss, padding sides, answer extraction, likelihood scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ubsmoe.backbones import build_adapter
+from ubsmoe.backbones.tiny import tiny_tokenizer
+from ubsmoe.data.commonsense import BENCHMARKS
+from ubsmoe.model import FederatedModel
+from ubsmoe.settings import LoraSettings, MethodSettings, ModelSettings
+from ubsmoe.tasks.instruction import (
+    IGNORE_INDEX,
+    InstructionTask,
+    collate_left,
+    collate_right,
+    encode_train,
+    extract_answer,
+    format_prompt,
+    greedy_generate,
+    left_pad,
+    pad_id_of,
+    response_loss,
+    score_candidates,
+    score_candidates_cached,
+)
+
+TOK = tiny_tokenizer()
+RECORD = {
+    "instruction": "Please answer the following question with true or false, question: is ice cold?\n\n"
+    "Answer format: true/false",
+    "input": "",
+    "output": "the correct answer is true",
+    "answer": "true",
+}
+
+
+def make_task(mode: str = "both") -> InstructionTask:
+    return InstructionTask(
+        tokenizer=TOK,
+        answer_patterns={k: b.pattern for k, b in BENCHMARKS.items()},
+        answer_words={k: b.answer_words for k, b in BENCHMARKS.items()},
+        eval_mode=mode,
+        max_new_tokens=6,
+    )
+
+
+@pytest.fixture(scope="module")
+def model() -> FederatedModel:
+    settings = ModelSettings(
+        name="tiny_olmoe", backbone="tiny:olmoe", adapter="native",
+        lora=LoraSettings(rank=4, alpha=8, attention_targets=["q_proj", "v_proj"]),
+    )  # fmt: skip
+    module = FederatedModel(
+        adapter=build_adapter("native"), task=make_task(), model=settings, method=MethodSettings(), num_tiers=4,
+        init_seed=0,
+    )  # fmt: skip
+    return module.eval()
+
+
+def test_alpaca_prompt_with_and_without_input() -> None:
+    plain = format_prompt(RECORD)
+    assert plain == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{RECORD['instruction']}\n\n### Response:\n"
+    )
+    with_input = format_prompt({**RECORD, "input": "some context"})
+    assert "### Input:\nsome context\n\n### Response:\n" in with_input and "### Input:" not in plain
+
+
+def test_labels_mask_the_prompt_and_keep_the_response() -> None:
+    encoded = encode_train(TOK, RECORD, 1000)
+    n_prompt = len(TOK(format_prompt(RECORD))["input_ids"])
+    assert encoded["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    response = encoded["labels"][n_prompt:]
+    assert TOK.decode(response[:-1]) == RECORD["output"] and response[-1] == TOK.eos_token_id
+    assert encoded["input_ids"][n_prompt:] == response
+    short = encode_train(TOK, RECORD, n_prompt)  # too long: the prompt loses its start, the response stays whole
+    assert len(short["input_ids"]) == n_prompt and short["labels"][-len(response) :] == response
+    kept = n_prompt - len(response)
+    assert short["input_ids"][:kept] == TOK(format_prompt(RECORD))["input_ids"][-kept:]
+
+
+def test_loss_depends_on_response_tokens_only() -> None:
+    batch = collate_right([encode_train(TOK, RECORD, 1000), encode_train(TOK, {**RECORD, "output": "no"}, 1000)], 0)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(*batch["input_ids"].shape, 300, generator=g, dtype=torch.float64)
+    loss = response_loss(logits, batch["labels"])
+    # Reference: mean cross-entropy over the positions whose next token is a response token.
+    terms = []
+    for b in range(2):
+        for t in range(batch["input_ids"].shape[1] - 1):
+            target = int(batch["labels"][b, t + 1])
+            if target != IGNORE_INDEX:
+                terms.append(-torch.log_softmax(logits[b, t], -1)[target])
+    assert float(loss) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-6)
+    first_response = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0])
+    perturbed = logits.clone()
+    prompt_part = perturbed[:, : first_response - 1]
+    prompt_part += torch.randn(prompt_part.shape, generator=g, dtype=torch.float64)
+    changed = response_loss(perturbed, batch["labels"])
+    # Both rows share the prompt: logits that predict prompt tokens carry no loss.
+    assert float(changed) == pytest.approx(float(loss), rel=1e-12)
+    predicting_response = logits.clone()
+    predicting_response[0, first_response - 1] += torch.randn(300, generator=g, dtype=torch.float64)
+    assert float(response_loss(predicting_response, batch["labels"])) != pytest.approx(float(loss), rel=1e-6)
+    assert batch["labels"][batch["attention_mask"] == 0].eq(IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize(("text", "benchmark", "expected"), [
+    ("the correct answer is answer3", "social_i_qa", "answer3"),
+    ("answer2, or maybe answer1", "ARC-Easy", "answer2"),            # first match wins
+    ("I think false. true is wrong", "boolq", "false"),
+    ("The answer is True", "boolq", None),                           # case-sensitive, as LLM-Adapters scores
+    ("no idea", "piqa", None),                                        # no match counts as wrong
+    ("ending4ending1", "hellaswag", "ending4"),
+    ("the correct answer is option2", "winogrande", "option2"),
+])  # fmt: skip
+def test_answer_extraction_first_match(text: str, benchmark: str, expected: str | None) -> None:
+    assert extract_answer(text, BENCHMARKS[benchmark].pattern) == expected
+
+
+def test_likelihood_scorer_picks_the_planted_answer() -> None:
+    """A model rigged to predict token 7 everywhere prefers the candidate made of 7s."""
+    vocab = 20
+
+    def rigged(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+        logits = torch.zeros(*ids.shape, vocab)
+        logits[..., 7] = 5.0
+        return logits[:, -keep:]
+
+    candidates = [([3], [4, 5]), ([3], [7, 7]), ([3], [7, 2, 2])]
+    scores = score_candidates(rigged, [[1, 2, 3], [9]], candidates, pad_id=0)
+    assert scores.argmax(dim=1).tolist() == [1, 1]
+    logp7 = torch.log_softmax(torch.tensor([0.0] * 7 + [5.0] + [0.0] * 12, dtype=torch.float64), 0)
+    assert float(scores[0, 1]) == pytest.approx(2 * float(logp7[7]), rel=1e-6)
+
+
+def test_batched_likelihood_equals_one_row_at_a_time(model: FederatedModel) -> None:
+    task = model.task
+    prompts = [TOK("is the sky green?")["input_ids"], TOK("hi")["input_ids"]]
+    candidates = task.candidates("boolq")
+
+    def logits_fn(ids, mask, positions, keep):
+        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "logits_to_keep": keep}
+        return task.logits(model, batch)
+
+    with torch.no_grad():
+        scores = score_candidates(logits_fn, prompts, candidates, pad_id_of(TOK))
+        for p, prompt in enumerate(prompts):
+            for c, (extra, cont) in enumerate(candidates):
+                row = torch.tensor([prompt + extra + cont])
+                logits = task.logits(model, {"input_ids": row, "attention_mask": torch.ones_like(row)})
+                logp = torch.log_softmax(logits.double(), -1)
+                start = len(prompt) + len(extra)
+                ref = sum(float(logp[0, start + j - 1, t]) for j, t in enumerate(cont))
+                assert float(scores[p, c]) == pytest.approx(ref, abs=1e-4 * max(1.0, abs(ref)))
+
+
+def test_cached_likelihood_equals_the_one_pass_scores(model: FederatedModel) -> None:
+    """The evaluation's KV-cached scorer gives the numbers of the plain one-pass scorer (float64 reference)."""
+    task = model.task
+    prompts = [TOK(format_prompt(RECORD))["input_ids"], TOK("hi")["input_ids"], TOK("is it? yes or no")["input_ids"]]
+
+    def logits_fn(ids, mask, positions, keep):
+        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "logits_to_keep": keep}
+        return task.logits(model, batch)
+
+    model.set_client(k=1)
+    for benchmark in ("boolq", "ARC-Easy"):
+        candidates = task.candidates(benchmark)
+        with torch.no_grad():
+            plain = score_candidates(logits_fn, prompts, candidates, pad_id_of(TOK))
+        cached = score_candidates_cached(model, prompts, candidates, pad_id_of(TOK))
+        torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError):
+        score_candidates_cached(model, prompts, [([1], [2]), ([3], [2])], 0)
+
+
+def test_left_padding_gives_the_unpadded_greedy_tokens(model: FederatedModel) -> None:
+    prompts = [TOK("a longer prompt, with words")["input_ids"], TOK("hi")["input_ids"], TOK("mid size")["input_ids"]]
+    batch = collate_left([{"input_ids": p, "answer_index": 0} for p in prompts], pad_id_of(TOK))
+    assert (batch["attention_mask"][:, -1] == 1).all() and batch["attention_mask"][1, 0] == 0
+    model.set_client(k=2)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    padded = greedy_generate(model, ids, mask, max_new_tokens=6, pad_id=0, eos_id=None)
+    for i, prompt in enumerate(prompts):
+        one = greedy_generate(
+            model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=6, pad_id=0,
+            eos_id=None,
+        )  # fmt: skip
+        assert padded[i].tolist() == one[0].tolist()
+
+
+def test_generation_telemetry_counts_real_tokens_only(model: FederatedModel) -> None:
+    prompts = [TOK("abcdef")["input_ids"], TOK("ab")["input_ids"]]
+    ids, mask, _ = left_pad(prompts, 0)
+    model.set_client(k=1)
+    model.reset_telemetry()
+    greedy_generate(model, ids, mask, max_new_tokens=3, pad_id=0, eos_id=None)
+    tel = next(iter(model.telemetry().values()))
+    # prefill: the real prompt tokens; then 2 decoding steps of one token per row (the 3rd token needs no forward)
+    assert float(tel["tokens"]) == sum(len(p) for p in prompts) + 2 * len(prompts)
+    assert float(tel["expert_tokens"].sum()) == float(tel["tokens"])  # K = 1 expert per real token
+
+
+def test_evaluate_reports_every_benchmark_and_the_mean(model: FederatedModel) -> None:
+    class Fabric:
+        def to_device(self, b):
+            return b
+
+        def autocast(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    items = {
+        "boolq": [{"input_ids": TOK(format_prompt(RECORD))["input_ids"], "answer_index": 0}] * 3,
+        "piqa": [{"input_ids": TOK("x")["input_ids"], "answer_index": 1}] * 2,
+    }
+    loaders = {k: [collate_left(v, 0)] for k, v in items.items()}
+    result = model.task.evaluate(model, loaders, Fabric())
+    m = result.metrics
+    for name in ("boolq", "piqa"):
+        assert {f"{name}/acc", f"{name}/acc_gen", f"{name}/acc_ll", f"{name}/no_answer"} <= set(m)
+        assert m[f"{name}/acc"] == m[f"{name}/acc_gen"]  # both modes: generation is the main one
+    assert result.main_metric == m["mean_acc"] == pytest.approx((m["boolq/acc"] + m["piqa/acc"]) / 2)
+    assert m["mean_acc_ll"] == pytest.approx((m["boolq/acc_ll"] + m["piqa/acc_ll"]) / 2)
