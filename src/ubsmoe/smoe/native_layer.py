@@ -161,8 +161,9 @@ class SegmentProducts:
 class GroupedProducts(SegmentProducts):
     """The same products with ``torch.nn.functional.grouped_mm``: one kernel for all experts, no host sync.
 
-    Worth it on a GPU (a handful of launches instead of a dozen per expert); on this CPU it
-    measured no faster than the loop, and it needs float32/bf16/fp16 with 16-byte-aligned rows.
+    Meant for GPUs (a handful of launches instead of a dozen per expert; opt in with
+    ``block.grouped_mm = True``); on this CPU it measured no faster than the loop. It needs
+    float32/bf16/fp16 with 16-byte-aligned rows (:func:`grouped_mm_supported`).
     """
 
     def __init__(self, plan: SortedAssignments) -> None:
@@ -307,7 +308,9 @@ class NativeSparseMoE(nn.Module):
         self.k = min(rule.top_k, k_max)
         self.tier_index = 0
         self.dispatch = "sorted"  # "sorted" (SwiGLUExperts kernel) | "autograd" (reference, for tests)
-        self.grouped_mm: bool | None = None  # the kernel's products: None = grouped_mm off CPU, loop on CPU
+        # the kernel's products: False = a loop of mm per expert (tested everywhere); True =
+        # torch's grouped_mm where dtype and alignment allow (fewer launches on a GPU; not run on one here)
+        self.grouped_mm = False
         self.token_mask: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self._signal_defaults: torch.Tensor | None = None  # the D_i this step's router signal used
@@ -400,10 +403,7 @@ class NativeSparseMoE(nn.Module):
             scaling = self.lora.scaling
         else:
             lora, scaling = (None,) * 4, 1.0
-        grouped = self.grouped_mm
-        if grouped is None:  # auto: on accelerators, where it saves launches and host syncs
-            adapters = [t for t in lora if t is not None]
-            grouped = gate_up.device.type != "cpu" and grouped_mm_supported(x, gate_up, down, *adapters)
+        grouped = self.grouped_mm and grouped_mm_supported(x, gate_up, down, *(t for t in lora if t is not None))
         products = GroupedProducts if grouped else SegmentProducts
         y, sums = SwiGLUExperts.apply(
             x.to(dtype), plan.gates.to(dtype), *lora, plan, gate_up.detach(), down.detach(), scaling, self.activation,
