@@ -459,12 +459,12 @@ def test_grouped_mm_products_match_the_loop():
     for grouped in (False, True):
         model = tiny_model("olmoe", seed=11, num_experts_per_tok=4)
         sharpen_routers(model)
-        convert(model, lora_rank=4)
+        convert(model, lora_rank=4, grouped_mm=grouped)
         block = model.model.layers[0].mlp
+        assert block.grouped_mm is grouped
         with torch.no_grad():
             for t in block.lora.tensors():
                 t.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
-        block.grouped_mm = grouped
         block.set_k(1)  # 1 of 8 experts for 6 real tokens: some experts get no row
         block.train()
         x = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)

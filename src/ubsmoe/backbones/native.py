@@ -147,6 +147,7 @@ def convert(
     generator: torch.Generator | None = None,
     lora_dtype: torch.dtype = torch.float32,
     router_dtype: torch.dtype | None = None,
+    grouped_mm: bool = False,
     freeze_base: bool = True,
 ) -> nn.Module:
     """Replace each sparse ``layer.mlp`` of ``model`` (in place) by a :class:`NativeSparseMoE`; return ``model``.
@@ -198,6 +199,7 @@ def convert(
             mlp.gate, experts, rule=rule, activation=activation, k_max=k_max, shared_expert=shared,
             shared_expert_gate=shared_gate, options=options, generator=generator, lora_dtype=lora_dtype,
         )  # fmt: skip
+        layer.mlp.grouped_mm = bool(grouped_mm)
         converted += 1
     if converted == 0:
         raise ValueError(f"{type(model).__name__} has no sparse MoE layer to convert")
