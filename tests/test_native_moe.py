@@ -474,5 +474,5 @@ def test_grouped_mm_products_match_the_loop():
         assert bool((block.counters("step")["expert_tokens"] == 0).any())
         results.append([y.detach(), x.grad, block.router.weight.grad, *(t.grad for t in block.lora.tensors()), block.pg_default])
     assert grouped_mm_supported(torch.zeros(2, 64), block.lora.lora_B1)
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(*results, strict=True):  # float32, summation order differs: tolerance scaled to magnitude
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))

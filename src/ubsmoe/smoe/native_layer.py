@@ -125,7 +125,8 @@ class SegmentProducts:
     """Per-expert products over a plan's expert-contiguous rows: one ``mm`` per expert with rows.
 
     ``rows_t(a, w)``: row ``i`` of ``a`` times ``w[e_i]^T`` (``w`` stored ``[E, n, k]``, as
-    nn.Linear weights); ``rows(a, w)``: times ``w[e_i]``; ``outer(a, b)``: ``[E, m, n]`` with
+    nn.Linear weights); ``rows(a, w)``: times ``w[e_i]``; ``add_rows_t`` / ``add_rows``: the
+    same accumulated into an output in place; ``outer(a, b)``: ``[E, m, n]`` with
     ``a[rows of e]^T b[rows of e]`` (zero for an expert without rows); ``sums(a)``: ``[E, m]``.
     """
 
@@ -143,6 +144,18 @@ class SegmentProducts:
         out = a.new_empty(a.shape[0], w.shape[2])
         for e, start, count in self.segments:
             torch.mm(a[start : start + count], w[e], out=out[start : start + count])
+        return out
+
+    def add_rows_t(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``out += alpha * rows_t(a, w)`` in place (fused into the products: no extra pass over ``out``)."""
+        for e, start, count in self.segments:
+            out[start : start + count].addmm_(a[start : start + count], w[e].t(), alpha=alpha)
+        return out
+
+    def add_rows(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``out += alpha * rows(a, w)`` in place."""
+        for e, start, count in self.segments:
+            out[start : start + count].addmm_(a[start : start + count], w[e], alpha=alpha)
         return out
 
     def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -175,6 +188,12 @@ class GroupedProducts(SegmentProducts):
 
     def rows(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.grouped_mm(a, w, offs=self.offsets)
+
+    def add_rows_t(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+        return out.add_(self.rows_t(a, w), alpha=alpha)
+
+    def add_rows(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+        return out.add_(self.rows(a, w), alpha=alpha)
 
     def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = F.grouped_mm(a.t(), b, offs=self.offsets)
@@ -217,13 +236,13 @@ class SwiGLUExperts(torch.autograd.Function):
         xa = ha = None
         if has_lora:
             xa = products.rows_t(xs, a1)  # [A, r]
-            gu.add_(products.rows_t(xa, b1), alpha=scaling)
+            products.add_rows_t(gu, xa, b1, scaling)
         g, u = gu[:, :d], gu[:, d:]
         hidden = act.forward(g) * u
         out = products.rows_t(hidden, down)  # [A, h]
         if has_lora:
             ha = products.rows_t(hidden, a2)
-            out.add_(products.rows_t(ha, b2), alpha=scaling)
+            products.add_rows_t(out, ha, b2, scaling)
         y = x.new_zeros(x.shape).index_add_(0, plan.tokens, out * gates[:, None])
         sums = products.sums(hidden) if want_sums else x.new_zeros(down.shape[0], d)
         ctx.save_for_backward(xs, gu, hidden, out, xa, ha, gates, a1, b1, a2, b2, gate_up, down)
@@ -246,7 +265,7 @@ class SwiGLUExperts(torch.autograd.Function):
         da1 = db1 = da2 = db2 = None
         if has_lora:
             t2 = products.rows(dout, b2)  # [A, r]
-            dhidden.add_(products.rows(t2, a2), alpha=scaling)
+            products.add_rows(dhidden, t2, a2, scaling)
             da2 = products.outer(t2, hidden).mul_(scaling)
             # B's gradient as [E, r, out] then flipped: products with r output rows are faster
             db2 = products.outer(ha, dout).transpose(1, 2).mul(scaling).contiguous()
@@ -255,7 +274,7 @@ class SwiGLUExperts(torch.autograd.Function):
         dxs = products.rows(dgu, gate_up)  # [A, h]
         if has_lora:
             t1 = products.rows(dgu, b1)  # [A, r]
-            dxs.add_(products.rows(t1, a1), alpha=scaling)
+            products.add_rows(dxs, t1, a1, scaling)
             da1 = products.outer(t1, xs).mul_(scaling)
             db1 = products.outer(xa, dgu).transpose(1, 2).mul(scaling).contiguous()
         dx = None
