@@ -351,6 +351,12 @@ class NativeSparseMoE(nn.Module):
         self.register_buffer("tel_counters", counters, persistent=False)
         self.register_buffer("step_counters", counters.clone(), persistent=False)
 
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, k={self.k}, k_max={self.k_max}, top_k={self.rule.top_k}, "
+            f"renormalize={self.rule.renormalize}, expert_size={self.expert_size}, dispatch={self.dispatch}"
+        )
+
     # ----------------------------------------------------------------- configuration
     def set_k(self, k: int) -> None:
         """Run ``k`` experts per token (a client's ``K_c``), ``1 <= k <= k_max``."""
