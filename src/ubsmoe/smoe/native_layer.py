@@ -8,7 +8,7 @@ and adds what UB-SMoE needs on top, with the surface of :class:`ubsmoe.smoe.laye
 (``set_k``, ``phi``, ``router``, ``lora``, counters, PG defaults, ``aux_loss``, ``token_mask``):
 
 - routing: the router logits, DMR-modulated on the candidates (:func:`ubsmoe.smoe.routing.modulate`),
-  softmax over the ``E`` experts in float32, the top ``K_c``; the gates are the backbone's own
+  softmax over the ``E`` experts in float32, the top ``K_c`` among the candidates; the gates are the backbone's own
   (those probabilities, renormalised over the ``K_c`` exactly when the model's config says so).
   At ``K_c`` = the model's top-k, phi = 0 and LoRA B = 0 this is the Hugging Face block.
 - dispatch: the ``(token, expert)`` assignments of real tokens sorted by expert, one gather,
@@ -32,6 +32,12 @@ from ubsmoe.smoe.layer import _SCALARS, Activation, MoEOptions
 from ubsmoe.smoe.lora import lora_a_bound
 from ubsmoe.smoe.pseudo_grad import expert_mean_outputs, router_signal, update_defaults
 from ubsmoe.smoe.routing import Routing, modulate, num_candidates, switch_balance_loss
+
+
+def candidate_mask(logits: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """[N, E] bool: each token's top ``n_candidates`` experts of the unmodulated ``logits`` (DMR's T(x))."""
+    candidates = logits.detach().topk(n_candidates, dim=-1).indices
+    return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, candidates, True)
 
 
 def recomputing_in_backward() -> bool:
@@ -384,11 +390,18 @@ class NativeSparseMoE(nn.Module):
         # stays float64, for exact references); phi acts at that precision.
         logits = F.linear(x, self.router.weight.to(x.dtype))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        candidates = None
         if self.options.dmr:
-            phi = self.phi.to(logits.dtype)
-            logits = modulate(logits, phi, self.options.kappa, num_candidates(k, e, self.options.np_ratio))
+            n_candidates = num_candidates(k, e, self.options.np_ratio)
+            if n_candidates < e:
+                candidates = candidate_mask(logits, n_candidates)
+            logits = modulate(logits, self.phi.to(logits.dtype), self.options.kappa, n_candidates)
         probs = torch.softmax(logits, dim=-1)
-        top, experts = torch.topk(probs, k, dim=-1)
+        # the active set is the top K among the candidates T(x) (DESIGN.md section 3): a
+        # negative phi can push a candidate down but never let a non-candidate in
+        selection = probs.detach() if candidates is None else probs.detach().masked_fill(~candidates, -1.0)
+        experts = selection.topk(k, dim=-1).indices
+        top = probs.gather(-1, experts)
         if self.rule.renormalize:
             top = top / top.sum(dim=-1, keepdim=True)
         active = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, experts, True)
