@@ -2,15 +2,19 @@
 
 Runs the smoke experiment (experiment=smoke: 8 clients, 4 a round) for 200 rounds, with a
 smaller budget per round so it fits on a laptop (1 local step of batch 8, sequences of 32
-tokens, evaluation every 50 rounds), and with 20% of the sampled clients faulty (5% each: crash, non-finite tensors, wrong shapes, stragglers past
+tokens, evaluation every 10 rounds, so round 20 has already seen evaluation's memory peak),
+and with 20% of the sampled clients faulty (5% each: crash, non-finite tensors, wrong shapes, stragglers past
 ``federation.round_timeout``), in a child ``python src/train.py`` process, and checks:
 
 - it completes every round, and no metric or global tensor is non-finite;
-- memory: peak RSS (VmHWM of the child) after round 20 grows by less than 5% by the end;
+- memory: peak RSS (VmHWM of the child) after round 20 grows by less than 5% by the end
+  (the JSON also keeps the current RSS at every 10th round, to tell a leak from a peak);
 - time: the mean round time of rounds 21-40 and of the last 20 rounds are within 20%
-  (evaluation rounds, every ``--eval-every``, are left out of both).
+  (evaluation rounds are left out of both); on a shared machine the training part follows
+  the load of the other processes, so the JSON also compares the engine's own overhead
+  (round time outside local training and evaluation) early and late.
 
-Usage: python benchmarks/soak.py [--rounds 200] [--eval-every 50]
+Usage: python benchmarks/soak.py [--rounds 200] [--eval-every 10]
 """
 
 from __future__ import annotations
@@ -46,6 +50,17 @@ def peak_rss(pid: int) -> int | None:
     return None
 
 
+def current_rss(pid: int) -> int | None:
+    """VmRSS (resident set now) of a running process, in bytes (Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def rounds_done(run_dir: Path) -> int:
     path = run_dir / "timings.jsonl"
     return len(path.read_text().splitlines()) if path.is_file() else 0
@@ -75,7 +90,7 @@ def checkpoint_finite(run_dir: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--run-dir", type=Path, default=None, help="keep the run here (default: a temporary dir)")
     args = parser.parse_args()
 
@@ -94,11 +109,17 @@ def main() -> None:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         rss_at_warmup = None
         rss_last = None
+        trace: dict[int, int] = {}  # round -> current RSS, every 10th round
         while proc.poll() is None:
             rss = peak_rss(proc.pid)
             rss_last = rss or rss_last
-            if rss_at_warmup is None and rounds_done(run_dir) >= WARMUP_ROUND:
+            done = rounds_done(run_dir)
+            if rss_at_warmup is None and done >= WARMUP_ROUND:
                 rss_at_warmup = rss
+            if done and done % 10 == 0 and done not in trace:
+                now = current_rss(proc.pid)
+                if now:
+                    trace[done] = now
             time.sleep(0.2)
     wall = time.perf_counter() - start
 
@@ -111,6 +132,8 @@ def main() -> None:
     train_rounds = [t for t in timings if t["round"] % args.eval_every != 0 and t["round"] != args.rounds]
     early = [t["round_seconds"] for t in train_rounds if WARMUP_ROUND < t["round"] <= 2 * WARMUP_ROUND]
     late = [t["round_seconds"] for t in train_rounds if t["round"] > completed - WARMUP_ROUND]
+    early_overhead = [t["overhead_seconds"] for t in train_rounds if WARMUP_ROUND < t["round"] <= 2 * WARMUP_ROUND]
+    late_overhead = [t["overhead_seconds"] for t in train_rounds if t["round"] > completed - WARMUP_ROUND]
     early_mean = statistics.mean(early) if early else None
     late_mean = statistics.mean(late) if late else None
     growth = (rss_last - rss_at_warmup) / rss_at_warmup if rss_at_warmup and rss_last else None
@@ -136,6 +159,9 @@ def main() -> None:
         "round_seconds_rounds_21_40": None if early_mean is None else round(early_mean, 4),
         "round_seconds_last_20": None if late_mean is None else round(late_mean, 4),
         "round_time_ratio": None if ratio is None else round(ratio, 3),
+        "overhead_seconds_rounds_21_40": round(statistics.mean(early_overhead), 4) if early_overhead else None,
+        "overhead_seconds_last_20": round(statistics.mean(late_overhead), 4) if late_overhead else None,
+        "current_rss_by_round": {str(k): v for k, v in sorted(trace.items())},
         "targets": {
             "completes": completed == args.rounds and proc.returncode == 0,
             "no_nonfinite": finite,

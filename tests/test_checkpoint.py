@@ -128,3 +128,12 @@ def test_read_verified_rejects_a_legacy_pickle(tmp_path: Path) -> None:
     torch.save({"format": "ubsmoe-checkpoint-v1"}, legacy)
     with pytest.raises(ValueError, match="header"):
         read_verified(legacy)
+
+
+def test_resume_command_points_at_the_run_or_at_a_foreign_checkpoint(tmp_path: Path) -> None:
+    from ubsmoe.runner import resume_command
+
+    own = resume_command(tmp_path, round_file(tmp_path / CHECKPOINT_DIR, 3))
+    assert own.endswith(f"paths.output_dir={tmp_path} resume=true")
+    foreign = round_file(tmp_path / "other" / CHECKPOINT_DIR, 3)
+    assert resume_command(tmp_path, foreign).endswith(f"resume={foreign}")

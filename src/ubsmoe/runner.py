@@ -67,8 +67,12 @@ def output_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
 
-def resume_command(output_dir: Path) -> str:
-    """The exact command that continues this run: its own overrides, its run directory, ``resume=true``."""
+def resume_command(output_dir: Path, checkpoint: Path | None = None) -> str:
+    """The exact command that continues this run: its own overrides, its run directory, ``resume=true``.
+
+    ``resume=<checkpoint>`` instead when the last checkpoint lives elsewhere (a run resumed
+    from another directory and stopped before writing its own first checkpoint).
+    """
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
@@ -79,7 +83,9 @@ def resume_command(output_dir: Path) -> str:
         script = str(Path(sys.argv[0]).resolve()) if sys.argv and sys.argv[0].endswith(".py") else "src/train.py"
     else:  # called from Python: the caller's overrides are not known
         overrides, script = ["<the run's other overrides>"], "src/train.py"
-    return shlex.join([sys.executable, script, *overrides, f"paths.output_dir={output_dir}", "resume=true"])
+    elsewhere = checkpoint is not None and Path(checkpoint).resolve().parent != (output_dir / "checkpoints").resolve()
+    resume = f"resume={checkpoint}" if elsewhere else "resume=true"
+    return shlex.join([sys.executable, script, *overrides, f"paths.output_dir={output_dir}", resume])
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Any]:
@@ -219,7 +225,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     try:
         evaluation = loop.run()
     except RunInterrupted as err:
-        print_interrupted(err, loop.last_checkpoint, resume_command(output_dir))
+        print_interrupted(err, loop.last_checkpoint, resume_command(output_dir, loop.last_checkpoint))
         raise SystemExit(128 + err.signum) from None
     for logger in fabric.loggers:
         logger.finalize("success")
