@@ -10,6 +10,7 @@ training starts.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ POOLINGS = ("mean", "cls")
 ROUTER_INITS = ("centroid", "zeros")
 PARTITIONS = ("dirichlet", "iid")
 ACCELERATORS = ("cpu", "cuda", "mps", "auto")
+MOMENTUM_SOURCES = ("previous_global", "local_mean")
+PG_EXPERT_MODES = ("missed_tokens", "shared_mean")
+LORA_SCALINGS = ("per_rank", "max_rank")
+HOMOGENEOUS_RANKS = ("full", "smallest")
+FLORA_INITS = ("independent", "shared")
 
 
 @dataclass(frozen=True)
@@ -43,13 +49,26 @@ class Tier:
     beta: float
     share: float
 
-    def num_experts_active(self, num_experts: int) -> int:
-        """K_c = max(1, floor(M * beta))."""
-        return max(1, math.floor(num_experts * self.beta + 1e-9))
+    def num_experts_active(self, k_max: int) -> int:
+        """K_c = max(1, floor(K_max * beta)); K_max = M for a dense FFN cut into M experts."""
+        return max(1, math.floor(k_max * self.beta + 1e-9))
 
     def lora_rank(self, max_rank: int) -> int:
         """r_c = max(1, floor(r * beta))."""
         return max(1, math.floor(max_rank * self.beta + 1e-9))
+
+
+def resolve_k_max(configured: int | None, num_experts: int, default: int | None = None) -> int:
+    """K_max: ``model.k_max`` when set, else the backbone's own active-expert count, else M.
+
+    ``default`` is what the backbone adapter reports (a native MoE model's configured top-k);
+    a dense encoder cut into experts has none, and then K_max = M, so the full-budget tier
+    runs every expert, i.e. the pretrained FFN itself.
+    """
+    k_max = configured if configured is not None else (default if default is not None else num_experts)
+    if not 1 <= k_max <= num_experts:
+        raise ConfigError("model.k_max", k_max, f"null or an integer in [1, model.num_experts={num_experts}]")
+    return int(k_max)
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -141,7 +160,11 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_bool(cfg, "method.dmr.enabled")
     _require_float(cfg, "method.dmr.kappa", 0.0)
     _require_float(cfg, "method.dmr.np_ratio", 1.0)
+    if _get(cfg, "method.dmr.num_candidates") is not None:
+        _require_int(cfg, "method.dmr.num_candidates", 1)
     _require_float(cfg, "method.dmr.zeta", 0.0, 1.0)
+    _require_choice(cfg, "method.dmr.momentum_source", MOMENTUM_SOURCES)
+    _require_bool(cfg, "method.dmr.server_clip")
     phi_min = _require_float(cfg, "method.dmr.phi_min")
     phi_max = _require_float(cfg, "method.dmr.phi_max")
     if phi_min >= phi_max:
@@ -151,15 +174,23 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_bool(cfg, "method.pg.router")
     _require_bool(cfg, "method.pg.expert")
     _require_float(cfg, "method.pg.eta", 0.0)
+    _require_choice(cfg, "method.pg.expert_mode", PG_EXPERT_MODES)
     _require_float(cfg, "method.pg.default_momentum", 0.0, 1.0, high_open=True)
     _require_bool(cfg, "method.tier_scale")
     _require_float(cfg, "method.balance_loss", 0.0)
     _require_float(cfg, "method.expert_agg_exponent", 0.0)
+    _require_choice(cfg, "method.lora_scaling", LORA_SCALINGS)
+    _require_choice(cfg, "method.homogeneous_rank", HOMOGENEOUS_RANKS)
+    _require_choice(cfg, "method.flora_init", FLORA_INITS)
+    _require_float(cfg, "method.energy_threshold", 0.0, 1.0, low_open=True)
     if OmegaConf.select(cfg, "method.self_pruning.gamma") is not None:
         _require_float(cfg, "method.self_pruning.gamma", 0.0, 1.0, low_open=True)
         _require_float(cfg, "method.self_pruning.strength", 0.0)
 
-    _require_int(cfg, "model.num_experts", 1)
+    num_experts = _require_int(cfg, "model.num_experts", 1)
+    if _get(cfg, "model.k_max") is not None:
+        _require_int(cfg, "model.k_max", 1, num_experts)
+    _warn_candidates(cfg, num_experts)
     _require_choice(cfg, "model.pooling", POOLINGS)
     _require_choice(cfg, "model.router_init", ROUTER_INITS)
     if _get(cfg, "model.dropout") is not None:
@@ -222,6 +253,18 @@ def validate(cfg: DictConfig) -> list[Tier]:
     return parse_tiers(_get(cfg, "tiers"))
 
 
+def _warn_candidates(cfg: DictConfig, num_experts: int) -> None:
+    """Warn when DMR's candidate set is every expert: then phi biases all of them, not a short list."""
+    n_p = _get(cfg, "method.dmr.num_candidates")
+    if _get(cfg, "method.sparse") and _get(cfg, "method.dmr.enabled") and n_p is not None and n_p >= num_experts:
+        warnings.warn(
+            f"method.dmr.num_candidates={n_p} >= model.num_experts={num_experts}: every expert is a candidate, "
+            "so phi biases all of them (the paper has N_p << M)",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 def model_settings(cfg: DictConfig) -> ModelSettings:
     """The validated ``model`` group as :class:`ModelSettings`."""
     raw = OmegaConf.to_container(cfg.model, resolve=True)
@@ -231,6 +274,7 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
         backbone=raw["backbone"],
         pooling=raw["pooling"],
         num_experts=raw["num_experts"],
+        k_max=raw.get("k_max"),
         router_init=raw["router_init"],
         dropout=raw.get("dropout"),
         lora=LoraSettings(**raw["lora"]),
@@ -256,4 +300,8 @@ def method_settings(cfg: DictConfig) -> MethodSettings:
         balance_loss=raw["balance_loss"],
         expert_agg_exponent=raw["expert_agg_exponent"],
         self_pruning=SelfPruningSettings(**raw.get("self_pruning", {})),
+        lora_scaling=raw["lora_scaling"],
+        homogeneous_rank=raw["homogeneous_rank"],
+        flora_init=raw["flora_init"],
+        energy_threshold=float(raw["energy_threshold"]),
     )

@@ -149,6 +149,7 @@ class FederatedClassifier(lightning.LightningModule):
                     dmr=method.dmr.enabled,
                     kappa=method.dmr.kappa,
                     np_ratio=method.dmr.np_ratio,
+                    num_candidates=method.dmr.num_candidates,
                     pg_router=method.pg.router,
                     pg_momentum=method.pg.default_momentum,
                     balance_loss=method.balance_loss > 0,
@@ -228,6 +229,14 @@ class FederatedClassifier(lightning.LightningModule):
             if self.blocks[layer].lora is not None:
                 names += [f"{self._block_prefix(layer)}.lora.{t}" for t in ("lora_A1", "lora_B1", "lora_A2", "lora_B2")]
         return names
+
+    def default_k_max(self) -> int | None:
+        """The backbone's own active-expert count (K_max when ``model.k_max`` is null).
+
+        None for a dense encoder cut into experts: then K_max = M (config.resolve_k_max).
+        A native MoE backbone reports its configured top-k here.
+        """
+        return None
 
     def phi_names(self) -> list[str]:
         return list(self._groups["phi"])

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from ubsmoe.config import method_settings, model_settings, validate
+from ubsmoe.config import method_settings, model_settings, resolve_k_max, validate
 from ubsmoe.data.datamodule import build_federated_data
 from ubsmoe.data.glue import build_metrics, get_task, resolve_local_dir
 from ubsmoe.data.report import partition_report
@@ -159,12 +159,15 @@ def run_experiment(cfg: DictConfig) -> float | None:
         callbacks=callbacks,
     )
     fabric.setup_module(module)
+    k_max = resolve_k_max(model_cfg.k_max, model_cfg.num_experts, module.default_k_max()) if method_cfg.sparse else None
     tier_specs = make_tier_specs(
         tiers,
         sparse=method_cfg.sparse,
         hetero_rank=method_cfg.hetero_rank,
         num_experts=model_cfg.num_experts,
         max_rank=model_cfg.lora.rank,
+        k_max=k_max,
+        homogeneous_rank=method_cfg.homogeneous_rank,
     )
     loop = FederatedLoop(
         fabric=fabric,

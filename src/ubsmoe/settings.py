@@ -34,6 +34,7 @@ class ModelSettings:
     backbone: str = "minilm"
     pooling: str = "mean"
     num_experts: int = 8
+    k_max: int | None = None  # K_max: active experts of the full-budget tier (None = the backbone's default)
     router_init: str = "centroid"
     dropout: float | None = None  # None keeps the backbone's own hidden/attention dropout
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -45,7 +46,10 @@ class DMRSettings:
     enabled: bool = True
     kappa: float = 1.0
     np_ratio: float = 2.0
+    num_candidates: int | None = 4  # N_p, absolute (the paper's form); None = ceil(np_ratio * K_c)
     zeta: float = 0.5
+    momentum_source: str = "previous_global"  # previous_global (paper) | local_mean (clients' trained phi)
+    server_clip: bool = True
     phi_min: float = -1.0
     phi_max: float = 1.0
     penalty: float = 0.1
@@ -57,6 +61,7 @@ class PGSettings:
     router: bool = True
     expert: bool = True
     eta: float = 0.1
+    expert_mode: str = "missed_tokens"  # missed_tokens | shared_mean (the first design, g_bar before AdamW)
     default_momentum: float = 0.9
 
 
@@ -79,3 +84,7 @@ class MethodSettings:
     balance_loss: float = 0.0
     expert_agg_exponent: float = 0.0
     self_pruning: SelfPruningSettings = field(default_factory=SelfPruningSettings)
+    lora_scaling: str = "max_rank"  # per_rank (alpha / r_c) | max_rank (alpha / r for every rank)
+    homogeneous_rank: str = "full"  # FedIT: full (every tier at rank r) | smallest (every tier at min r_c)
+    flora_init: str = "independent"  # FLoRA's fresh adapters: independent (per client) | shared
+    energy_threshold: float = 0.9  # FLoRIST's tau: kept share of the squared singular values

@@ -313,7 +313,9 @@ class MoEOptions:
     dmr: bool = True
     kappa: float = 1.0
     np_ratio: float = 2.0
+    num_candidates: int | None = None  # absolute N_p (None: from np_ratio)
     pg_router: bool = True
+    pg_expert_sink: bool = False  # collect the missed-token pseudo-gradient directions (PG expert_mode=missed_tokens)
     pg_momentum: float = 0.9
     balance_loss: bool = False
     num_tiers: int = 0  # > 0: a learnable output scale per tier (FLAME)
@@ -396,7 +398,10 @@ class SparseMoE(nn.Module):
     def route(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x, self.router.weight)
         phi = self.phi if self.options.dmr else None
-        return route(logits, self.k, phi=phi, kappa=self.options.kappa, np_ratio=self.options.np_ratio)
+        return route(
+            logits, self.k, phi=phi, kappa=self.options.kappa, np_ratio=self.options.np_ratio,
+            n_candidates=self.options.num_candidates,
+        )  # fmt: skip
 
     def plan(self, routing: Routing, valid: torch.Tensor | None, num_tokens: int) -> tuple[DispatchPlan, torch.Tensor]:
         """Sort the (token, expert) assignments of the dispatched tokens by expert."""
