@@ -31,7 +31,7 @@ from ubsmoe.smoe.flops import EncoderDims, flops_per_example, measure_flops
 from ubsmoe.smoe.layer import MoEOptions, SparseMoE
 from ubsmoe.smoe.lora import RankLimiter, attention_target_names, ffn_target_names, inject_peft_lora
 from ubsmoe.smoe.moefy import ROUTER_INITS, check_backbone_config, moefy
-from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, pseudo_gradient_coefficients
+from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, missed_token_steps, pseudo_gradient_coefficients
 from ubsmoe.smoe.routing import range_penalty
 
 POOLINGS = ("mean", "cls")
@@ -151,6 +151,7 @@ class FederatedClassifier(lightning.LightningModule):
                     np_ratio=method.dmr.np_ratio,
                     num_candidates=method.dmr.num_candidates,
                     pg_router=method.pg.router,
+                    pg_expert_sink=method.pg.expert and method.pg.expert_mode == "missed_tokens",
                     pg_momentum=method.pg.default_momentum,
                     balance_loss=method.balance_loss > 0,
                     num_tiers=num_tiers if method.tier_scale else 0,
@@ -202,6 +203,7 @@ class FederatedClassifier(lightning.LightningModule):
         self._val_loss_sum = 0.0
         self._val_count = 0
         self._original_weights: dict[str, torch.Tensor] = {}  # W0 of modules with a base delta (FLoRA)
+        self._pending_pg_steps: list[tuple[SparseMoE, list[torch.Tensor | None]]] = []
 
     # ------------------------------------------------------------------ structure
     def _group_of(self, name: str) -> str | None:
@@ -380,16 +382,40 @@ class FederatedClassifier(lightning.LightningModule):
         return self.task_loss(logits, batch["labels"]) + self.regularizer()
 
     def on_after_backward(self) -> None:
-        """PG expert signal from this step's routing statistics, then reset them."""
+        """PG expert signal from this step's routing statistics, then reset them.
+
+        ``shared_mean`` adds to the gradients now; ``missed_tokens`` prepares per-expert steps
+        that :meth:`apply_expert_pseudo_steps` applies after the optimizer step.
+        """
         pg = self.method.pg
+        self._pending_pg_steps = []
         for block in self.blocks.values():
             if pg.expert and block.lora is not None and block.k < block.num_experts:
                 c = block.counters("step")
                 coefficients = pseudo_gradient_coefficients(
                     c["tokens"], c["inactive_mass"], c["active_mass"], c["active_assignments"], block.k, pg.eta
                 )
-                add_expert_pseudo_gradients(block.lora.tensors(), c["expert_tokens"], coefficients)
+                if pg.expert_mode == "shared_mean":
+                    add_expert_pseudo_gradients(block.lora.tensors(), c["expert_tokens"], coefficients)
+                elif block.pg_sink is not None:
+                    self._pending_pg_steps.append((block, missed_token_steps(block.pg_sink, coefficients)))
             block.reset_step()
+
+    @torch.no_grad()
+    def apply_expert_pseudo_steps(self, lr: float) -> None:
+        """Move each expert's LoRA by ``lr`` times its prepared missed-token step (outside the optimizer)."""
+        for block, steps in self._pending_pg_steps:
+            for tensor, step in zip(block.lora.tensors(), steps, strict=True):
+                if step is not None:
+                    tensor.add_(step.to(tensor.dtype), alpha=lr)
+        if self._pending_pg_steps:
+            self.rank_limiter.apply()
+        self._pending_pg_steps = []
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        lr = next((g["lr"] for g in optimizer.param_groups if g.get("name") == "lora"), None)
+        if lr is not None:
+            self.apply_expert_pseudo_steps(float(lr))
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -417,7 +443,10 @@ class FederatedClassifier(lightning.LightningModule):
             for group, names in self._groups.items()
             if names
         ]
-        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        # PG's missed-token steps are applied after AdamW's, at the LoRA group's learning rate
+        optimizer.register_step_post_hook(self._after_optimizer_step)
+        return optimizer
 
     # ------------------------------------------------------------------ compute
     def encoder_dims(self) -> EncoderDims:
