@@ -29,7 +29,14 @@ from ubsmoe.seeding import derive_seed
 from ubsmoe.settings import MethodSettings, ModelSettings
 from ubsmoe.smoe.flops import EncoderDims, flops_per_example, measure_flops
 from ubsmoe.smoe.layer import MoEOptions, SparseMoE
-from ubsmoe.smoe.lora import RankLimiter, attention_target_names, ffn_target_names, inject_peft_lora
+from ubsmoe.smoe.lora import (
+    RankLimiter,
+    attention_target_names,
+    ffn_target_names,
+    inject_peft_lora,
+    peft_lora_layers,
+    set_peft_scaling,
+)
 from ubsmoe.smoe.moefy import ROUTER_INITS, check_backbone_config, moefy
 from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, missed_token_steps, pseudo_gradient_coefficients
 from ubsmoe.smoe.routing import range_penalty
@@ -198,6 +205,7 @@ class FederatedClassifier(lightning.LightningModule):
         for block in self.blocks.values():
             rank_tensors.extend(block.lora.rank_dims() if block.lora is not None else [])
         self.rank_limiter = RankLimiter(rank_tensors, lora.rank)
+        self._peft_layers = peft_lora_layers(backbone)
         self.k = model.num_experts if self.sparse else None
         self.tier_index = 0
         self._val_loss_sum = 0.0
@@ -262,6 +270,9 @@ class FederatedClassifier(lightning.LightningModule):
         if not isinstance(rank, int) or not 1 <= rank <= full:
             raise ConfigError("client.rank", rank, f"an integer in [1, model.lora.rank={full}]")
         self.rank_limiter.set_rank(rank)
+        # method.lora_scaling: alpha / r_c (per_rank, a stand-alone rank-r_c LoRA) or alpha / r (max_rank)
+        scaled_rank = rank if self.method.lora_scaling == "per_rank" else full
+        set_peft_scaling(self._peft_layers, self.model_settings.lora.alpha / scaled_rank)
         if self.method.tier_scale and not 0 <= tier_index < self.num_tiers:
             raise ConfigError("client.tier_index", tier_index, f"an integer in [0, {self.num_tiers - 1}]")
         for block in self.blocks.values():

@@ -198,6 +198,7 @@ class FederatedLoop:
             wall_time=self.elapsed_before + time.perf_counter() - start,
             round_seconds=time.perf_counter() - round_start,
             train_eval_seconds=busy,
+            broadcast_bytes=self.strategy.broadcast_bytes(self.server),
         )
         self.fabric.call("on_round_end", loop=self, summary=summary)
         if self.checkpoint:

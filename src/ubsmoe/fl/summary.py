@@ -35,6 +35,7 @@ class RoundSummary:
     wall_time: float  # seconds since the start of this (possibly resumed) run, cumulative
     round_seconds: float
     train_eval_seconds: float  # time inside local training and evaluation this round
+    broadcast_bytes: int = 0  # sent to every client of the federation after this round (per client)
 
 
 def expert_entropy(utilization: torch.Tensor) -> float:
