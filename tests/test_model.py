@@ -277,3 +277,17 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError) as err:
         build(model=ModelSettings(lora=LoraSettings(attention_targets=["nonexistent"])))
     assert err.value.key == "model.lora.attention_targets"
+
+
+def test_router_pg_defaults_travel_only_when_the_router_pg_is_on():
+    """Issue 12, item 6: the router-side PG costs L * M * h floats each way, and nothing when it is off."""
+    from ubsmoe.fl.client import tensor_bytes
+
+    on = build()
+    layers, m, h = len(on.blocks), on.model_settings.num_experts, on.backbone.config.hidden_size
+    assert tensor_bytes(on.pg_defaults()) == layers * m * h * 4
+    method = MethodSettings()
+    method.pg.router = False
+    off = build(method=method)
+    assert off.pg_defaults() == {}
+    off.set_pg_defaults({})  # a payload without defaults loads

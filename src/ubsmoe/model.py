@@ -322,10 +322,19 @@ class FederatedClassifier(lightning.LightningModule):
                 modules[prefix].get_base_layer().weight.copy_(original)
 
     def pg_defaults(self) -> dict[str, torch.Tensor]:
+        """The router-side PG defaults D [M, h] per layer; empty (nothing exchanged) when ``method.pg.router`` is off.
+
+        They are the project's addition, not in the paper: L * M * h numbers each way a round,
+        against the paper's L * (M + 1) of extra traffic.
+        """
+        if not self.method.pg.router:
+            return {}
         return {name: block.pg_default.detach().cpu().clone() for name, block in self.blocks.items()}
 
     @torch.no_grad()
     def set_pg_defaults(self, defaults: dict[str, torch.Tensor]) -> None:
+        if not defaults and not self.method.pg.router:
+            return
         if set(defaults) != set(self.blocks):
             raise KeyError(f"PG defaults for {sorted(defaults)} but the layers are {sorted(self.blocks)}")
         for name, value in defaults.items():
