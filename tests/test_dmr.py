@@ -16,7 +16,7 @@ from ubsmoe.smoe.routing import range_penalty
 
 
 def test_dmr_update_matches_hand_computation() -> None:
-    settings = DMRSettings(zeta=0.5, phi_min=-1.0, phi_max=1.0, eps=1e-6)
+    settings = DMRSettings(zeta=0.5, phi_min=-1.0, phi_max=1.0, eps=1e-6, server_clip=True)
     utilization = torch.tensor([0.5, 0.25, 0.0, 0.25])  # K_bar = 1 over M = 4 experts: target 0.25
     phi_bar = torch.tensor([0.2, -0.4, 0.9, 0.0])
     out = dmr_update(phi_bar, utilization, mean_k=1.0, settings=settings)

@@ -49,7 +49,7 @@ class DMRSettings:
     num_candidates: int | None = 4  # N_p, absolute (the paper's form); None = ceil(np_ratio * K_c)
     zeta: float = 0.5
     momentum_source: str = "previous_global"  # previous_global (paper) | local_mean (clients' trained phi)
-    server_clip: bool = True
+    server_clip: bool = False  # the paper clips only through the local penalty
     phi_min: float = -1.0
     phi_max: float = 1.0
     penalty: float = 0.1

@@ -15,9 +15,12 @@ so over-used experts get a negative modulation and neglected ones a positive one
 - ``local_mean``: ``source`` = phi_bar, the example-weighted mean of the clients' locally
   trained phi (the project's first design): local training of phi feeds back into the global.
 
-``method.dmr.server_clip`` turns the clip off; with the local range penalty off as well, phi
-is free to leave [phi_min, phi_max] (the paper's divergence ablation). The next round's
-clients route with logits s + kappa * phi (kappa = 1 in the paper).
+``method.dmr.server_clip`` (off by default: the paper bounds phi only through the local range
+penalty) clips the server's phi to [phi_min, phi_max]. Under ``previous_global`` the server phi
+is an average of tanh values and stays inside (-1, 1) anyway, so the clip matters only for a
+narrower range or for ``local_mean``, where the clients' drift feeds back; with the local
+penalty off and no clip, phi then leaves [phi_min, phi_max] (the paper's divergence ablation).
+The next round's clients route with logits s + kappa * phi (kappa = 1 in the paper).
 """
 
 from __future__ import annotations
