@@ -169,8 +169,9 @@ def accumulate_missed_tokens(
     ``xa = x A1^T``, ``t1 = dz B1``, activations ``u`` [A, de], ``t2 = dy B2``, ``ua = u A2^T``
     ([A, r] each), output gradients ``dys`` [A, h]. Expert ``j``'s LoRA gradient from one
     assignment is an outer product (e.g. ``scaling * t1 (x) x`` for A1), so each sum over
-    assignments weighted by ``q_i`` is one matrix product: about ``2 M r (h + d_e)`` FLOPs
-    per assignment and tensor pair, a few percent of the experts' own backward pass.
+    assignments weighted by ``q_i`` is one matrix product: ``4 M r (h + d_e)`` FLOPs per
+    assignment in all, about a sixth of the experts' own forward and backward products
+    (MiniLM, M = 8, r = 8: measured 48 ms a layer against 202 ms, ~7% of a K = 2 step).
     """
     num_rows, m = q.shape
     r = xa.shape[1]
