@@ -27,17 +27,20 @@ def sink_vs_experts(repeats: int = 15) -> tuple[float, float]:
     def t(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g)
 
-    args = dict(xs=t(a, h), dz=t(a, de), xa=t(a, r), t1=t(a, r), u=t(a, de), t2=t(a, r), ua=t(a, r), dys=t(a, h))
-    q = torch.rand(a, m, generator=g)
+    n = a // 2  # K = 2: two assignments a token
+    tokens = torch.arange(n).repeat_interleave(2)
+    args = dict(x=t(n, h), dy=t(n, h), dz=t(a, de), xa=t(a, r), t1=t(a, r), u=t(a, de), t2=t(a, r), ua=t(a, r))
+    q = torch.rand(n, m, generator=g)
     w = t(de, h)
+    xs = t(a, h)
     sink_times, expert_times = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        accumulate_missed_tokens(MissedTokenSink(), q, scaling=2.0, **args)
+        accumulate_missed_tokens(MissedTokenSink(), q, tokens, scaling=2.0, **args)
         sink_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(6):
-            args["xs"] @ w.t()
+            xs @ w.t()
         expert_times.append(time.perf_counter() - t0)
     return statistics.median(sink_times[3:]), statistics.median(expert_times[3:])
 

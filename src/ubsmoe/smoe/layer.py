@@ -146,15 +146,16 @@ class DispatchedExperts(torch.autograd.Function):
         if want_sums:
             for e, start, count in segments:
                 torch.sum(u[start : start + count], dim=0, out=sums[e])
-        ctx.save_for_backward(xs, z, u, xa, ua, a1, bl1, a2, bl2, w1, w2t)
-        ctx.plan, ctx.signal, ctx.pg = plan, signal, (pg if has_lora else None)
+        pg = pg if has_lora else None
+        ctx.save_for_backward(xs, z, u, xa, ua, a1, bl1, a2, bl2, w1, w2t, x if pg is not None else None)
+        ctx.plan, ctx.signal, ctx.pg = plan, signal, pg
         ctx.meta = (scaling, act, has_lora)
         ctx.mark_non_differentiable(sums)
         return y, sums
 
     @staticmethod
     def backward(ctx, dy, _dsums):
-        xs, z, u, xa, ua, a1, bl1, a2, bl2, w1, w2t = ctx.saved_tensors
+        xs, z, u, xa, ua, a1, bl1, a2, bl2, w1, w2t, x = ctx.saved_tensors
         plan, signal, pg = ctx.plan, ctx.signal, ctx.pg
         scaling, act, has_lora = ctx.meta
         segments = plan.segments()
@@ -195,8 +196,7 @@ class DispatchedExperts(torch.autograd.Function):
         if pg is not None:
             sink, q = pg
             accumulate_missed_tokens(
-                sink, q.index_select(0, plan.tokens), xs=xs, dz=dz, xa=xa, t1=t1_all, u=u, t2=t2_all, ua=ua,
-                dys=dys, scaling=scaling,
+                sink, q, plan.tokens, x=x, dy=dy, dz=dz, xa=xa, t1=t1_all, u=u, t2=t2_all, ua=ua, scaling=scaling,
             )  # fmt: skip
         if has_lora:
             da1.mul_(scaling)

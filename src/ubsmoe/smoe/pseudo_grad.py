@@ -151,42 +151,50 @@ class MissedTokenSink:
 def accumulate_missed_tokens(
     sink: MissedTokenSink,
     q: torch.Tensor,
+    tokens: torch.Tensor,
     *,
-    xs: torch.Tensor,
+    x: torch.Tensor,
+    dy: torch.Tensor,
     dz: torch.Tensor,
     xa: torch.Tensor,
     t1: torch.Tensor,
     u: torch.Tensor,
     t2: torch.Tensor,
     ua: torch.Tensor,
-    dys: torch.Tensor,
     scaling: float,
 ) -> None:
-    """Add one backward pass's missed-token sums to ``sink``; every row is one (token, expert) assignment.
+    """Add one backward pass's missed-token sums to ``sink``.
 
-    ``q`` [A, M] is ``q_i`` at each assignment's token; the others are the per-assignment
-    quantities the kernel already has: inputs ``xs`` [A, h], hidden gradients ``dz`` [A, de],
-    ``xa = x A1^T``, ``t1 = dz B1``, activations ``u`` [A, de], ``t2 = dy B2``, ``ua = u A2^T``
-    ([A, r] each), output gradients ``dys`` [A, h]. Expert ``j``'s LoRA gradient from one
-    assignment is an outer product (e.g. ``scaling * t1 (x) x`` for A1), so each sum over
-    assignments weighted by ``q_i`` is one matrix product: ``4 M r (h + d_e)`` FLOPs per
-    assignment in all, about a sixth of the experts' own forward and backward products
-    (MiniLM, M = 8, r = 8: measured 48 ms a layer against 202 ms, ~7% of a K = 2 step).
+    ``q`` [N, M] is ``q_i(x)`` per token, ``x`` [N, h] the inputs and ``dy`` [N, h] the output
+    gradients per token; ``tokens`` [A] maps each (token, expert) assignment to its token, and
+    the rest are the per-assignment quantities the kernel already has: hidden gradients ``dz``
+    [A, de], ``xa = x A1^T``, ``t1 = dz B1``, activations ``u`` [A, de], ``t2 = dy B2``,
+    ``ua = u A2^T`` ([A, r] each). Expert ``j``'s LoRA gradient from one assignment is an
+    outer product (``scaling * t1 (x) x`` for A1, ``scaling * dy (x) ua`` for B2, ...), so
+    each q-weighted sum is one matrix product. For A1 and B2 one factor is the token's own
+    (x, dy), so the other is first summed over the token's K assignments and the product
+    runs over tokens, not assignments. About ``2 M r (h / K + d_e) * 2`` FLOPs per
+    assignment, a tenth to a sixth of the experts' own forward and backward products
+    (``benchmarks/pg_expert_cost.py``).
     """
-    num_rows, m = q.shape
+    num_tokens, m = q.shape
     r = xa.shape[1]
-    q = q.to(xs.dtype)
+    q = q.to(x.dtype)
+    q_rows = q.index_select(0, tokens)
 
-    def weighted(factor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        # sum_a q[a, i] factor[a] (x) other[a] for every i -> [M, r, other_dim]
-        left = (q[:, :, None] * factor[:, None, :]).reshape(num_rows, m * r)
+    def weighted(weights: torch.Tensor, factor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        # sum_row weights[row, i] factor[row] (x) other[row] for every i -> [M, r, other_dim]
+        left = (weights[:, :, None] * factor[:, None, :]).reshape(weights.shape[0], m * r)
         return (left.t() @ other).view(m, r, other.shape[1]).mul_(scaling)
 
-    sink.add(0, weighted(t1, xs))  # A1 [M, r, h]
-    sink.add(1, weighted(xa, dz).transpose(1, 2))  # B1 [M, de, r]
-    sink.add(2, weighted(t2, u))  # A2 [M, r, de]
-    sink.add(3, weighted(ua, dys).transpose(1, 2))  # B2 [M, h, r]
-    mass = q.sum(0).to(torch.float64)
+    def per_token(rows: torch.Tensor) -> torch.Tensor:
+        return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, tokens, rows)
+
+    sink.add(0, weighted(q, per_token(t1), x))  # A1 [M, r, h]
+    sink.add(1, weighted(q_rows, xa, dz).transpose(1, 2))  # B1 [M, de, r]
+    sink.add(2, weighted(q_rows, t2, u))  # A2 [M, r, de]
+    sink.add(3, weighted(q, per_token(ua), dy).transpose(1, 2))  # B2 [M, h, r]
+    mass = q_rows.sum(0).to(torch.float64)
     sink.mass = mass if sink.mass is None else sink.mass + mass
 
 
