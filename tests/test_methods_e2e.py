@@ -60,7 +60,7 @@ def test_method_runs_two_rounds_on_every_tier(method_runs: dict[str, Path], meth
         assert final[0]["flops_ratio_to_dense"] < 0.6  # the weakest tier really computes less
     else:
         assert all(r["k"] is None for r in final)
-        expected = [2, 4, 6, 8] if method in ("hetlora", "flexlora", "flora") else [None] * 4
+        expected = [2, 4, 6, 8] if method in ("hetlora", "flexlora", "flora", "florist") else [None] * 4
         assert [r["rank"] for r in final] == expected
         assert final[0]["flops_ratio_to_dense"] > 0.95  # a smaller rank saves almost nothing
     sent = sum(r["bytes_sent"] for r in rows)

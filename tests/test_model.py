@@ -121,6 +121,7 @@ def test_set_client_validates(sparse_model):
 
 def test_pg_expert_signal_switch():
     method = MethodSettings()
+    method.pg.expert_mode = "shared_mean"  # this mode writes into the gradients (missed_tokens: below)
     model = build(method=method)
     model.set_client(k=1)
     batch = make_batch(n=2, length=6)
@@ -148,6 +149,56 @@ def test_pg_expert_signal_switch():
     method.pg.expert = True
     grads, _ = starved_grads()
     assert sum(torch.count_nonzero(g) for g in grads) > 0
+
+
+def _expert_lora_change(eta: float, k: int, expert: bool = True):
+    """Parameter change of every expert LoRA tensor after one AdamW step at client K = k."""
+    method = MethodSettings()
+    method.pg.eta, method.pg.expert = eta, expert
+    model = build(method=method)
+    model.set_client(k=k)
+    model.train()
+    with torch.no_grad():
+        for block in model.blocks.values():
+            block.lora.lora_B1.normal_(std=0.01, generator=torch.Generator().manual_seed(5))
+            block.lora.lora_B2.normal_(std=0.01, generator=torch.Generator().manual_seed(6))
+    before = {n: t.detach().clone() for n, t in model.named_parameters() if ".lora.lora_" in n and "intermediate" in n}
+    opt = model.configure_optimizers()
+    for block in model.blocks.values():
+        block.reset_step()
+    batch = make_batch(n=4, length=8)
+    model.training_step(batch, 0).backward()
+    tokens = {name: b.counters("step")["expert_tokens"].clone() for name, b in model.blocks.items()}
+    model.on_after_backward()
+    opt.step()
+    params = dict(model.named_parameters())
+    return {n: params[n].detach() - v for n, v in before.items()}, tokens
+
+
+def test_pg_missed_token_step_is_outside_adamw_and_linear_in_eta():
+    small, tokens = _expert_lora_change(2e-3, k=1)
+    double, _ = _expert_lora_change(4e-3, k=1)
+    off, _ = _expert_lora_change(2e-3, k=1, expert=False)
+    starved_seen = 0
+    for name, delta in small.items():
+        layer = name.split(".intermediate")[0].removeprefix("backbone.")
+        starved = tokens[layer] == 0
+        # a token-less expert has no gradient: AdamW leaves it, only PG moves it, linearly in eta
+        assert torch.count_nonzero(off[name][starved]) == 0
+        if starved.any() and "lora_A" in name:
+            starved_seen += 1
+            assert torch.count_nonzero(delta[starved]) > 0
+            # float32 parameters of size ~0.05: the change is exact up to their rounding (ulp ~4e-9)
+            assert float(delta[starved].abs().max()) < 1e-3  # below the cap c_i = 1 (step RMS = lr)
+            torch.testing.assert_close(double[name][starved], 2 * delta[starved], rtol=1e-3, atol=2e-8)
+    assert starved_seen > 0
+
+
+def test_pg_expert_signal_does_nothing_at_k_equal_m():
+    with_pg, _ = _expert_lora_change(0.1, k=8)
+    without, _ = _expert_lora_change(0.1, k=8, expert=False)
+    for name, delta in with_pg.items():
+        torch.testing.assert_close(delta, without[name], rtol=0, atol=0)
 
 
 def test_dmr_penalty_and_optimizer_groups(sparse_model):
@@ -231,3 +282,17 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError) as err:
         build(model=ModelSettings(lora=LoraSettings(attention_targets=["nonexistent"])))
     assert err.value.key == "model.lora.attention_targets"
+
+
+def test_router_pg_defaults_travel_only_when_the_router_pg_is_on():
+    """Issue 12, item 6: the router-side PG costs L * M * h floats each way, and nothing when it is off."""
+    from ubsmoe.fl.client import tensor_bytes
+
+    on = build()
+    layers, m, h = len(on.blocks), on.model_settings.num_experts, on.backbone.config.hidden_size
+    assert tensor_bytes(on.pg_defaults()) == layers * m * h * 4
+    method = MethodSettings()
+    method.pg.router = False
+    off = build(method=method)
+    assert off.pg_defaults() == {}
+    off.set_pg_defaults({})  # a payload without defaults loads

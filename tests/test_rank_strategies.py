@@ -166,8 +166,10 @@ def test_prune_rank_drops_a_zero_tail_and_keeps_a_live_one() -> None:
     a, b = state[A_NAME].clone(), state[B_NAME].clone()
     assert prune_rank(a, b, R, 0.5) == R  # a live tail, nothing to compare with: keep
     b[:, 2:] = 0
-    assert prune_rank(a, b, R, 0.5) == 2
-    assert prune_rank(a, b, R, 0.75) == 3
+    # issue 12: no "negligible tail" rule (not in the paper): without a reference nothing is pruned
+    assert prune_rank(a, b, R, 0.5) == R
+    assert prune_rank(a, b, R, 0.5, reference=1e-3) == 2
+    assert prune_rank(a, b, R, 0.75, reference=1e-3) == 3
     live_tail = float(self_pruning_penalty(state[A_NAME], state[B_NAME], R, 0.5))
     assert prune_rank(state[A_NAME], state[B_NAME], R, 0.5, reference=2 * live_tail) == 2  # it shrank
     assert prune_rank(state[A_NAME], state[B_NAME], R, 0.5, reference=0.5 * live_tail) == R  # it grew
@@ -208,7 +210,6 @@ def test_flexlora_hands_each_client_the_best_rank_rc_approximation_of_the_aggreg
     expected = scaling * sum(
         n / 60 * _product(s, r or R) for s, n, r in zip(clients, counts, ranks)
     )  # dW = sum_c w_c * s * B_c A_c
-    torch.testing.assert_close(strategy.delta[PREFIX].double(), expected)
     for rank in (1, 2, 3, R):
         payload = strategy.configure_client(server, _spec(rank=rank))
         a, b = payload.state[A_NAME], payload.state[B_NAME]
@@ -230,9 +231,7 @@ def test_flexlora_of_identical_full_rank_clients_is_that_clients_product_and_res
     strategy.aggregate(server, [_update(dict(state), n, rank=None, client_id=i) for i, n in enumerate((5, 9))])
     merged = server.global_state[B_NAME] @ server.global_state[A_NAME]
     torch.testing.assert_close(merged, _product(state))
-    resumed = FlexLoRA()
-    resumed.load_state_dict(strategy.state_dict())
-    torch.testing.assert_close(resumed.delta[PREFIX], strategy.delta[PREFIX], rtol=0, atol=0)
+    assert strategy.state_dict() == {}  # the global pair is the whole global model (no dead dW copy)
 
 
 # --- FLoRA -------------------------------------------------------------------------------------
@@ -300,12 +299,11 @@ def test_flora_state_dict_round_trip_resumes_exactly() -> None:
         torch.testing.assert_close(resumed_server.global_state[name], value, rtol=0, atol=0)
 
 
-def test_flora_payload_bytes_charge_the_stack_not_the_dense_delta() -> None:
+def test_flora_bytes_broadcast_the_stack_not_the_dense_delta() -> None:
+    """Issue 12: the stack goes to every client each round (broadcast); a payload is the rest."""
     strategy = FLoRA(scaling=1.0, seed=2)
     server = ServerState(round=0, global_state=_state(28, dtype=torch.float32))
     _flora_round(strategy, server, (29, 30))  # stacked rank 2 + R
     payload = strategy.configure_client(server, _spec(rank=2))
-    expected = (
-        server.global_state[HEAD].numel() * 4 + 2 * (IN + OUT) * 4 + (2 + R) * (IN + OUT) * 4
-    )
-    assert strategy.payload_bytes(payload, _spec(rank=2)) == expected
+    assert strategy.payload_bytes(payload, _spec(rank=2)) == server.global_state[HEAD].numel() * 4
+    assert strategy.broadcast_bytes(server) == (2 + R) * (IN + OUT) * 4

@@ -82,3 +82,31 @@ def test_utilization_is_token_weighted() -> None:
     ]
     u = aggregate_utilization(updates)[layer]
     torch.testing.assert_close(u, torch.tensor([20.0, 30.0, 30.0, 30.0]) / 40.0)
+
+
+def test_flame_tier_scale_is_averaged_over_its_own_tiers_clients() -> None:
+    """FLAME's per-tier scale after one round = the n_c-weighted mean over that tier's clients only."""
+    from dataclasses import replace
+
+    name = "backbone.encoder.layer.0.intermediate.tier_scale"
+    server = ServerState(0, {name: torch.ones(3)})
+    trained = {0: [1.4, 1.6], 1: [0.5]}  # tier -> the scale each of its clients trained
+    updates = []
+    for tier, values in trained.items():
+        for value, n in zip(values, (10, 30), strict=False):
+            scale = torch.ones(3)
+            scale[tier] = value  # a client trains only its own tier's entry
+            update = make_update({name: scale}, n)
+            update.spec = replace(update.spec, tier_index=tier)
+            updates.append(update)
+    SparseMoEStrategy([], exponent=2.0).aggregate(server, updates)
+    got = server.global_state[name]
+    torch.testing.assert_close(got[0], torch.tensor(0.25 * 1.4 + 0.75 * 1.6))
+    torch.testing.assert_close(got[1], torch.tensor(0.5))
+    torch.testing.assert_close(got[2], torch.tensor(1.0))  # no client of tier 2 this round
+
+
+def test_flame_defaults_to_t_2() -> None:
+    from helpers import compose_config
+
+    assert compose_config("method=flame").method.expert_agg_exponent == 2.0

@@ -10,6 +10,7 @@ training starts.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,11 @@ DATA_KINDS = ("glue", "commonsense")  # data.kind: GLUE classification | commons
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 EVAL_MODES = ("likelihood", "generation", "both")
 PARTITION_BY = ("source", "answer")
+MOMENTUM_SOURCES = ("previous_global", "local_mean")
+PG_EXPERT_MODES = ("missed_tokens", "shared_mean")
+LORA_SCALINGS = ("per_rank", "max_rank")
+HOMOGENEOUS_RANKS = ("full", "smallest")
+FLORA_INITS = ("independent", "shared")
 
 
 @dataclass(frozen=True)
@@ -52,13 +58,26 @@ class Tier:
     beta: float
     share: float
 
-    def num_experts_active(self, num_experts: int) -> int:
-        """K_c = max(1, floor(M * beta))."""
-        return max(1, math.floor(num_experts * self.beta + 1e-9))
+    def num_experts_active(self, k_max: int) -> int:
+        """K_c = max(1, floor(K_max * beta)); K_max = M for a dense FFN cut into M experts."""
+        return max(1, math.floor(k_max * self.beta + 1e-9))
 
     def lora_rank(self, max_rank: int) -> int:
         """r_c = max(1, floor(r * beta))."""
         return max(1, math.floor(max_rank * self.beta + 1e-9))
+
+
+def resolve_k_max(configured: int | None, num_experts: int, default: int | None = None) -> int:
+    """K_max: ``model.k_max`` when set, else the backbone's own active-expert count, else M.
+
+    ``default`` is what the backbone adapter reports (a native MoE model's configured top-k);
+    a dense encoder cut into experts has none, and then K_max = M, so the full-budget tier
+    runs every expert, i.e. the pretrained FFN itself.
+    """
+    k_max = configured if configured is not None else (default if default is not None else num_experts)
+    if not 1 <= k_max <= num_experts:
+        raise ConfigError("model.k_max", k_max, f"null or an integer in [1, model.num_experts={num_experts}]")
+    return int(k_max)
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -156,7 +175,11 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_bool(cfg, "method.dmr.enabled")
     _require_float(cfg, "method.dmr.kappa", 0.0)
     _require_float(cfg, "method.dmr.np_ratio", 1.0)
+    if _get(cfg, "method.dmr.num_candidates") is not None:
+        _require_int(cfg, "method.dmr.num_candidates", 1)
     _require_float(cfg, "method.dmr.zeta", 0.0, 1.0)
+    _require_choice(cfg, "method.dmr.momentum_source", MOMENTUM_SOURCES)
+    _require_bool(cfg, "method.dmr.server_clip")
     phi_min = _require_float(cfg, "method.dmr.phi_min")
     phi_max = _require_float(cfg, "method.dmr.phi_max")
     if phi_min >= phi_max:
@@ -166,10 +189,15 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_bool(cfg, "method.pg.router")
     _require_bool(cfg, "method.pg.expert")
     _require_float(cfg, "method.pg.eta", 0.0)
+    _require_choice(cfg, "method.pg.expert_mode", PG_EXPERT_MODES)
     _require_float(cfg, "method.pg.default_momentum", 0.0, 1.0, high_open=True)
     _require_bool(cfg, "method.tier_scale")
     _require_float(cfg, "method.balance_loss", 0.0)
     _require_float(cfg, "method.expert_agg_exponent", 0.0)
+    _require_choice(cfg, "method.lora_scaling", LORA_SCALINGS)
+    _require_choice(cfg, "method.homogeneous_rank", HOMOGENEOUS_RANKS)
+    _require_choice(cfg, "method.flora_init", FLORA_INITS)
+    _require_float(cfg, "method.energy_threshold", 0.0, 1.0, low_open=True)
     if OmegaConf.select(cfg, "method.self_pruning.gamma") is not None:
         _require_float(cfg, "method.self_pruning.gamma", 0.0, 1.0, low_open=True)
         _require_float(cfg, "method.self_pruning.strength", 0.0)
@@ -181,7 +209,10 @@ def validate(cfg: DictConfig) -> list[Tier]:
     if kind not in DATA_KINDS:
         raise ConfigError("data.kind", kind, f"one of {', '.join(DATA_KINDS)}")
     if adapter == "moefy":
-        _require_int(cfg, "model.num_experts", 1)
+        num_experts = _require_int(cfg, "model.num_experts", 1)
+        if _optional(cfg, "model.k_max", None) is not None:
+            _require_int(cfg, "model.k_max", 1, num_experts)
+        _warn_candidates(cfg, num_experts)
         _require_choice(cfg, "model.pooling", POOLINGS)
         _require_choice(cfg, "model.router_init", ROUTER_INITS)
         if kind != "glue":
@@ -354,6 +385,18 @@ def _validate_commonsense(cfg: DictConfig) -> None:
         )
 
 
+def _warn_candidates(cfg: DictConfig, num_experts: int) -> None:
+    """Warn when DMR's candidate set is every expert: then phi biases all of them, not a short list."""
+    n_p = _get(cfg, "method.dmr.num_candidates")
+    if _get(cfg, "method.sparse") and _get(cfg, "method.dmr.enabled") and n_p is not None and n_p >= num_experts:
+        warnings.warn(
+            f"method.dmr.num_candidates={n_p} >= model.num_experts={num_experts}: every expert is a candidate, "
+            "so phi biases all of them (the paper has N_p << M)",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 def model_settings(cfg: DictConfig) -> ModelSettings:
     """The validated ``model`` group as :class:`ModelSettings`."""
     raw = OmegaConf.to_container(cfg.model, resolve=True)
@@ -395,4 +438,8 @@ def method_settings(cfg: DictConfig) -> MethodSettings:
         balance_loss=raw["balance_loss"],
         expert_agg_exponent=raw["expert_agg_exponent"],
         self_pruning=SelfPruningSettings(**raw.get("self_pruning", {})),
+        lora_scaling=raw["lora_scaling"],
+        homogeneous_rank=raw["homogeneous_rank"],
+        flora_init=raw["flora_init"],
+        energy_threshold=float(raw["energy_threshold"]),
     )

@@ -81,10 +81,10 @@ def _load_run(run_dir: Path) -> _Run:
     from ubsmoe.config import method_settings, model_settings, validate
     from ubsmoe.data.glue import build_metrics, get_task
     from ubsmoe.fl.checkpoint import CHECKPOINT_FILE, load_checkpoint
-    from ubsmoe.fl.client import make_tier_specs
     from ubsmoe.fl.server import ServerState
     from ubsmoe.fl.strategies import StrategyContext, build_strategy
     from ubsmoe.model import FederatedClassifier
+    from ubsmoe.runner import run_tier_specs
     from ubsmoe.seeding import derive_seed
 
     config_file = run_dir / ".hydra" / "config.yaml"
@@ -120,10 +120,7 @@ def _load_run(run_dir: Path) -> _Run:
     )
     state = load_checkpoint(checkpoint_path)
     strategy.load_state_dict(state["strategy"])
-    tier_specs = make_tier_specs(
-        tiers, sparse=method_cfg.sparse, hetero_rank=method_cfg.hetero_rank,
-        num_experts=model_cfg.num_experts, max_rank=model_cfg.lora.rank,
-    )  # fmt: skip
+    tier_specs = run_tier_specs(tiers, module)
     return _Run(cfg, module, strategy, ServerState.from_state_dict(state["server"]), tier_specs, task, init_seed)
 
 

@@ -31,9 +31,9 @@ from ubsmoe.errors import ConfigError
 from ubsmoe.seeding import derive_seed
 from ubsmoe.settings import MethodSettings, ModelSettings
 from ubsmoe.smoe.flops import EncoderDims, measure_flops
-from ubsmoe.smoe.lora import RankLimiter
+from ubsmoe.smoe.lora import RankLimiter, peft_lora_layers, set_peft_scaling
 from ubsmoe.smoe.moefy import ROUTER_INITS
-from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, pseudo_gradient_coefficients
+from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, missed_token_steps, pseudo_gradient_coefficients
 from ubsmoe.smoe.routing import range_penalty
 from ubsmoe.tasks.base import Task
 from ubsmoe.tasks.classification import POOLINGS, ClassificationTask
@@ -130,8 +130,10 @@ class FederatedModel(lightning.LightningModule):
             rank_tensors.extend(block.lora.rank_dims() if block.lora is not None else [])
         self.rank_limiter = RankLimiter(rank_tensors, lora.rank)
         self.k = self.k_max if self.sparse else None
+        self._peft_layers = peft_lora_layers(self.backbone)
         self.tier_index = 0
         self._original_weights: dict[str, torch.Tensor] = {}  # W0 of modules with a base delta (FLoRA)
+        self._pending_pg_steps: list[tuple[SparseMoE, list[torch.Tensor | None]]] = []
 
     # ------------------------------------------------------------------ structure
     def _group_of(self, name: str) -> str | None:
@@ -182,6 +184,9 @@ class FederatedModel(lightning.LightningModule):
         if not isinstance(rank, int) or not 1 <= rank <= full:
             raise ConfigError("client.rank", rank, f"an integer in [1, model.lora.rank={full}]")
         self.rank_limiter.set_rank(rank)
+        # method.lora_scaling: alpha / r_c (per_rank, a stand-alone rank-r_c LoRA) or alpha / r (max_rank)
+        scaled_rank = rank if self.method.lora_scaling == "per_rank" else full
+        set_peft_scaling(self._peft_layers, self.model_settings.lora.alpha / scaled_rank)
         if self.method.tier_scale and not 0 <= tier_index < self.num_tiers:
             raise ConfigError("client.tier_index", tier_index, f"an integer in [0, {self.num_tiers - 1}]")
         for block in self.blocks.values():
@@ -231,10 +236,19 @@ class FederatedModel(lightning.LightningModule):
                 modules[prefix].get_base_layer().weight.copy_(original)
 
     def pg_defaults(self) -> dict[str, torch.Tensor]:
+        """The router-side PG defaults D [M, h] per layer; empty (nothing exchanged) when ``method.pg.router`` is off.
+
+        They are the project's addition, not in the paper: L * M * h numbers each way a round,
+        against the paper's L * (M + 1) of extra traffic.
+        """
+        if not self.method.pg.router:
+            return {}
         return {name: block.pg_default.detach().cpu().clone() for name, block in self.blocks.items()}
 
     @torch.no_grad()
     def set_pg_defaults(self, defaults: dict[str, torch.Tensor]) -> None:
+        if not defaults and not self.method.pg.router:
+            return
         if set(defaults) != set(self.blocks):
             raise KeyError(f"PG defaults for {sorted(defaults)} but the layers are {sorted(self.blocks)}")
         for name, value in defaults.items():
@@ -294,16 +308,42 @@ class FederatedModel(lightning.LightningModule):
         return self.task.loss(self, batch) + self.regularizer()
 
     def on_after_backward(self) -> None:
-        """PG expert signal from this step's routing statistics, then reset them."""
+        """PG expert signal from this step's routing statistics, then reset them.
+
+        ``shared_mean`` adds to the gradients now; ``missed_tokens`` prepares per-expert steps
+        that :meth:`apply_expert_pseudo_steps` applies after the optimizer step.
+        """
         pg = self.method.pg
+        self._pending_pg_steps = []
         for block in self.blocks.values():
             if pg.expert and block.lora is not None and block.k < block.num_experts:
                 c = block.counters("step")
                 coefficients = pseudo_gradient_coefficients(
                     c["tokens"], c["inactive_mass"], c["active_mass"], c["active_assignments"], block.k, pg.eta
                 )
-                add_expert_pseudo_gradients(block.lora.tensors(), c["expert_tokens"], coefficients)
+                # Native decoder blocks collect no missed-token sums: they use the shared_mean form
+                # (docs/paper.md, "PG expert signal on native blocks"; the native adapter warns).
+                if pg.expert_mode == "shared_mean" or not hasattr(block, "pg_sink"):
+                    add_expert_pseudo_gradients(block.lora.tensors(), c["expert_tokens"], coefficients)
+                elif block.pg_sink is not None:
+                    self._pending_pg_steps.append((block, missed_token_steps(block.pg_sink, coefficients)))
             block.reset_step()
+
+    @torch.no_grad()
+    def apply_expert_pseudo_steps(self, lr: float) -> None:
+        """Move each expert's LoRA by ``lr`` times its prepared missed-token step (outside the optimizer)."""
+        for block, steps in self._pending_pg_steps:
+            for tensor, step in zip(block.lora.tensors(), steps, strict=True):
+                if step is not None:
+                    tensor.add_(step.to(tensor.dtype), alpha=lr)
+        if self._pending_pg_steps:
+            self.rank_limiter.apply()
+        self._pending_pg_steps = []
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        lr = next((g["lr"] for g in optimizer.param_groups if g.get("name") == "lora"), None)
+        if lr is not None:
+            self.apply_expert_pseudo_steps(float(lr))
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -326,7 +366,10 @@ class FederatedModel(lightning.LightningModule):
             for group, names in self._groups.items()
             if names
         ]
-        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        # PG's missed-token steps are applied after AdamW's, at the LoRA group's learning rate
+        optimizer.register_step_post_hook(self._after_optimizer_step)
+        return optimizer
 
     # ------------------------------------------------------------------ compute
     def encoder_dims(self) -> EncoderDims:

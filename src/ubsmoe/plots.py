@@ -290,8 +290,7 @@ def _per_tier_lines(df: pd.DataFrame, value: str, ylabel: str, title: str) -> Fi
             if curve.empty:
                 continue
             seeds = rows.loc[rows["variant"] == variant, "run"].nunique() if "run" in rows else 1
-            label = variant if seeds <= 1 else f"{variant} (mean of {seeds} runs)"
-            ax.plot(curve.index, curve["mean"], marker="o", markersize=3, color=color, label=label)
+            ax.plot(curve.index, curve["mean"], marker="o", markersize=3, color=color, label=variant)
             if (curve["count"] > 1).any():
                 ax.fill_between(curve.index, curve["min"], curve["max"], color=color, alpha=0.2, linewidth=0,
                                 label=f"{variant}: min-max over {seeds} runs (seeds)")

@@ -58,6 +58,20 @@ def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS}
 
 
+def run_tier_specs(tiers: list[Any], module: Any) -> list[Any]:
+    """Each tier's K_c or r_c for this module and method (the runner's and the export's one definition)."""
+    method = module.method
+    return make_tier_specs(
+        tiers,
+        sparse=method.sparse,
+        hetero_rank=method.hetero_rank,
+        num_experts=module.model_settings.num_experts,  # M for moefy, the checkpoint's E for native
+        max_rank=module.model_settings.lora.rank,
+        k_max=module.k_max,  # K_c = floor(K_max * beta): model.k_max, else M (moefy) or the model's top-k (native)
+        homogeneous_rank=method.homogeneous_rank,
+    )
+
+
 def output_dir_of(cfg: DictConfig) -> Path:
     """The run directory: Hydra's job output directory (follows paths.output_dir; a sweep subdir under -m)."""
     from hydra.core.hydra_config import HydraConfig
@@ -181,13 +195,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
         callbacks=callbacks,
     )
     fabric.setup_module(module)
-    tier_specs = make_tier_specs(
-        tiers,
-        sparse=method_cfg.sparse,
-        hetero_rank=method_cfg.hetero_rank,
-        num_experts=module.k_max,  # K_c = floor(K_max * beta): M for moefy, the model's top-k for native
-        max_rank=model_cfg.lora.rank,
-    )
+    tier_specs = run_tier_specs(tiers, module)
     loop = FederatedLoop(
         fabric=fabric,
         module=module,

@@ -51,7 +51,10 @@ class DMRSettings:
     enabled: bool = True
     kappa: float = 1.0
     np_ratio: float = 2.0
+    num_candidates: int | None = 4  # N_p, absolute (the paper's form); None = ceil(np_ratio * K_c)
     zeta: float = 0.5
+    momentum_source: str = "previous_global"  # previous_global (paper) | local_mean (clients' trained phi)
+    server_clip: bool = False  # the paper clips only through the local penalty
     phi_min: float = -1.0
     phi_max: float = 1.0
     penalty: float = 0.1
@@ -63,6 +66,7 @@ class PGSettings:
     router: bool = True
     expert: bool = True
     eta: float = 0.1
+    expert_mode: str = "missed_tokens"  # missed_tokens | shared_mean (the first design, g_bar before AdamW)
     default_momentum: float = 0.9
 
 
@@ -85,3 +89,7 @@ class MethodSettings:
     balance_loss: float = 0.0
     expert_agg_exponent: float = 0.0
     self_pruning: SelfPruningSettings = field(default_factory=SelfPruningSettings)
+    lora_scaling: str = "max_rank"  # per_rank (alpha / r_c) | max_rank (alpha / r for every rank)
+    homogeneous_rank: str = "full"  # FedIT: full (every tier at rank r) | smallest (every tier at min r_c)
+    flora_init: str = "independent"  # FLoRA's fresh adapters: independent (per client) | shared
+    energy_threshold: float = 0.9  # FLoRIST's tau: kept share of the squared singular values

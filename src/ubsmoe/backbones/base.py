@@ -70,14 +70,13 @@ class BackboneAdapter(ABC):
         """K_max when ``model.k_max`` is null: M for moefy, the model's configured top-k for native."""
 
     def k_max(self, config: Any, model: ModelSettings) -> int:
-        """``model.k_max`` checked against the expert count, or :meth:`default_k_max`."""
-        m = self.num_experts(config, model)
+        """K_max: ``model.k_max`` checked against the expert count, else :meth:`default_k_max`."""
+        from ubsmoe.config import resolve_k_max
+
         value = getattr(model, "k_max", None)
-        if value is None:
-            return self.default_k_max(config, model)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= m:
-            raise ConfigError("model.k_max", value, f"null (the backbone's default) or an integer in [1, {m}]")
-        return value
+        if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+            raise ConfigError("model.k_max", value, "null (the backbone's default) or an integer")
+        return resolve_k_max(value, self.num_experts(config, model), self.default_k_max(config, model))
 
     def is_router_param(self, name: str) -> bool:
         """Whether a parameter name (in the LightningModule) is a sparse block's router weight."""

@@ -108,12 +108,22 @@ class MetricsWriter:
                     "expert_entropy": [expert_entropy(u) for u in ev.utilization.values()] if ev else None,
                     "expert_cv": [expert_cv(u) for u in ev.utilization.values()] if ev else None,
                     "max_load_fraction": list(ev.max_load_fraction.values()) if ev else None,
-                    "bytes_sent": sum(u.bytes_received for u in updates),  # server -> clients of this tier
+                    # server -> clients of this tier: their payloads, plus what all of the tier's
+                    # clients (sampled or not) receive by broadcast (FLoRA's and FLoRIST's update)
+                    "bytes_sent": sum(u.bytes_received for u in updates)
+                    + self.broadcast_to_tier(loop, summary, tier_index),
                     "bytes_received": sum(u.bytes_sent for u in updates),  # clients of this tier -> server
                     "wall_time": round(summary.wall_time, 3),
                 }
             )
         return records
+
+    @staticmethod
+    def broadcast_to_tier(loop: Any, summary: RoundSummary, tier_index: int) -> int:
+        """The round's broadcast bytes times the number of the tier's clients (all of them, sampled or not)."""
+        if not summary.broadcast_bytes:
+            return 0
+        return summary.broadcast_bytes * sum(1 for spec in loop.specs if spec.tier_index == tier_index)
 
     @staticmethod
     def expert_record(summary: RoundSummary) -> dict[str, Any]:

@@ -97,18 +97,42 @@ def assign_tiers(num_clients: int, tiers: list[Tier]) -> list[int]:
 
 
 def make_tier_specs(
-    tiers: list[Tier], *, sparse: bool, hetero_rank: bool, num_experts: int, max_rank: int
+    tiers: list[Tier],
+    *,
+    sparse: bool,
+    hetero_rank: bool,
+    num_experts: int,
+    max_rank: int,
+    k_max: int | None = None,
+    homogeneous_rank: str = "full",
 ) -> list[ClientSpec]:
-    """The compute shape of every tier (client_id -1): sparse methods scale K, rank methods scale r."""
+    """The compute shape of every tier (client_id -1): sparse methods scale K, rank methods scale r.
+
+    ``K_c = max(1, floor(K_max * beta))`` with ``k_max`` (None: ``num_experts``, the dense-cut
+    default where the full-budget tier runs every expert). Methods with one rank for all
+    (FedIT) train rank ``r`` in every tier (``homogeneous_rank="full"``, an upper bound) or
+    the smallest tier's ``r_c`` (``"smallest"``, what every client can afford).
+    """
+    k_max = num_experts if k_max is None else k_max
+    if not 1 <= k_max <= num_experts:
+        raise ValueError(f"k_max={k_max} must lie in [1, {num_experts}]")
+    if hetero_rank:
+        ranks = [tier.lora_rank(max_rank) for tier in tiers]
+    elif homogeneous_rank == "smallest":
+        ranks = [min(tier.lora_rank(max_rank) for tier in tiers)] * len(tiers)
+    elif homogeneous_rank == "full":
+        ranks = [None] * len(tiers)
+    else:
+        raise ValueError(f"homogeneous_rank={homogeneous_rank!r} must be 'full' or 'smallest'")
     return [
         ClientSpec(
             client_id=-1,
             tier=tier,
             tier_index=t_idx,
-            k=tier.num_experts_active(num_experts) if sparse else None,
-            rank=tier.lora_rank(max_rank) if hetero_rank else None,
+            k=tier.num_experts_active(k_max) if sparse else None,
+            rank=rank,
         )
-        for t_idx, tier in enumerate(tiers)
+        for t_idx, (tier, rank) in enumerate(zip(tiers, ranks, strict=True))
     ]
 
 

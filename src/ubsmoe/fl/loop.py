@@ -216,6 +216,7 @@ class FederatedLoop:
             train_eval_seconds=busy,
             dropped=dropped,
             skipped=skipped,
+            broadcast_bytes=self.strategy.broadcast_bytes(self.server),
         )
         self.fabric.call("on_round_end", loop=self, summary=summary)
         if self.checkpoint:

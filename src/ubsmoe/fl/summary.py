@@ -38,6 +38,7 @@ class RoundSummary:
     train_eval_seconds: float  # time inside local training and evaluation this round
     dropped: list[DroppedClient] = field(default_factory=list)  # replies not aggregated, and why
     skipped: bool = False  # fewer good replies than federation.min_replies: the global state was kept
+    broadcast_bytes: int = 0  # sent to every client of the federation after this round (per client)
 
 
 def expert_entropy(utilization: torch.Tensor) -> float:

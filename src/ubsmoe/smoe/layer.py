@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ubsmoe.smoe.lora import ExpertLoRA
-from ubsmoe.smoe.pseudo_grad import expert_mean_outputs, router_signal, update_defaults
+from ubsmoe.smoe.pseudo_grad import (
+    MissedTokenSink,
+    accumulate_missed_tokens,
+    expert_mean_outputs,
+    router_signal,
+    update_defaults,
+)
 from ubsmoe.smoe.routing import Routing, route, switch_balance_loss, unit_gates
 
 
@@ -101,8 +107,9 @@ class DispatchedExperts(torch.autograd.Function):
     tensors (or ``None``); a :class:`DispatchPlan`; the frozen ``w1 [M, d_e, h]``,
     ``b1 [M, d_e]``, ``w2t [M, d_e, h]``; the shared bias (or ``None``); the LoRA scaling;
     the activation; whether to return the per-expert sums of hidden activations; and the
-    PG router signal ``(D [M, h], inactive [N, M])`` or ``None``. Returns ``y [N, h]`` and the
-    sums ``[M, d_e]`` (no gradient).
+    PG router signal ``(D [M, h], inactive [N, M])`` or ``None``; and the PG expert signal's
+    ``(MissedTokenSink, q [N, M])`` or ``None`` (the backward pass then adds the missed-token
+    sums to the sink). Returns ``y [N, h]`` and the sums ``[M, d_e]`` (no gradient).
 
     The gradient for ``probs`` is that of the unit gates (``<u_e, dL/du_e>`` on each active
     pair) plus, with the router signal, ``<dL/dy, D_i>`` on inactive pairs: exactly what
@@ -110,7 +117,7 @@ class DispatchedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, probs, a1, bl1, a2, bl2, plan, w1, b1, w2t, bias, scaling, act, want_sums, signal):
+    def forward(ctx, x, probs, a1, bl1, a2, bl2, plan, w1, b1, w2t, bias, scaling, act, want_sums, signal, pg):
         num_experts, expert_size, hidden = w1.shape
         segments = plan.segments()
         has_lora = a1 is not None
@@ -139,20 +146,24 @@ class DispatchedExperts(torch.autograd.Function):
         if want_sums:
             for e, start, count in segments:
                 torch.sum(u[start : start + count], dim=0, out=sums[e])
-        ctx.save_for_backward(xs, z, u, xa, ua, a1, bl1, a2, bl2, w1, w2t)
-        ctx.plan, ctx.signal = plan, signal
+        pg = pg if has_lora else None
+        ctx.save_for_backward(xs, z, u, xa, ua, a1, bl1, a2, bl2, w1, w2t, x if pg is not None else None)
+        ctx.plan, ctx.signal, ctx.pg = plan, signal, pg
         ctx.meta = (scaling, act, has_lora)
         ctx.mark_non_differentiable(sums)
         return y, sums
 
     @staticmethod
     def backward(ctx, dy, _dsums):
-        xs, z, u, xa, ua, a1, bl1, a2, bl2, w1, w2t = ctx.saved_tensors
-        plan, signal = ctx.plan, ctx.signal
+        xs, z, u, xa, ua, a1, bl1, a2, bl2, w1, w2t, x = ctx.saved_tensors
+        plan, signal, pg = ctx.plan, ctx.signal, ctx.pg
         scaling, act, has_lora = ctx.meta
         segments = plan.segments()
         dys = dy.index_select(0, plan.tokens)
         dv = torch.empty_like(u)
+        t1_all = t2_all = None
+        if pg is not None:  # keep t1 = dz B1 and t2 = dy B2 of every assignment for the PG expert signal
+            t1_all, t2_all = xa.new_empty(xa.shape), ua.new_empty(ua.shape)
         da1 = dbl1 = da2 = dbl2 = None
         if has_lora:
             # B gradients are computed transposed (products with r output rows are several
@@ -165,6 +176,8 @@ class DispatchedExperts(torch.autograd.Function):
             torch.mm(dys[rows], w2t[e].t(), out=dv[rows])
             if has_lora:
                 t2 = torch.mm(dys[rows], bl2[e])
+                if t2_all is not None:
+                    t2_all[rows] = t2
                 dv[rows].addmm_(t2, a2[e], alpha=scaling)
                 torch.mm(t2.t(), u[rows], out=da2[e])
                 torch.mm(ua[rows].t(), dys[rows], out=dbl2_t[e])
@@ -175,9 +188,16 @@ class DispatchedExperts(torch.autograd.Function):
             torch.mm(dz[rows], w1[e], out=dxs[rows])
             if has_lora:
                 t1 = torch.mm(dz[rows], bl1[e])
+                if t1_all is not None:
+                    t1_all[rows] = t1
                 dxs[rows].addmm_(t1, a1[e], alpha=scaling)
                 torch.mm(t1.t(), xs[rows], out=da1[e])
                 torch.mm(xa[rows].t(), dz[rows], out=dbl1_t[e])
+        if pg is not None:
+            sink, q = pg
+            accumulate_missed_tokens(
+                sink, q, plan.tokens, x=x, dy=dy, dz=dz, xa=xa, t1=t1_all, u=u, t2=t2_all, ua=ua, scaling=scaling,
+            )  # fmt: skip
         if has_lora:
             da1.mul_(scaling)
             da2.mul_(scaling)
@@ -195,7 +215,7 @@ class DispatchedExperts(torch.autograd.Function):
             if signal is not None:
                 defaults, inactive = signal
                 dprobs.addcmul_(dy @ defaults.t(), inactive)
-        return (dx, dprobs, da1, dbl1, da2, dbl2) + (None,) * 9
+        return (dx, dprobs, da1, dbl1, da2, dbl2) + (None,) * 10
 
 
 class DenseExperts(torch.autograd.Function):
@@ -313,7 +333,9 @@ class MoEOptions:
     dmr: bool = True
     kappa: float = 1.0
     np_ratio: float = 2.0
+    num_candidates: int | None = None  # absolute N_p (None: from np_ratio)
     pg_router: bool = True
+    pg_expert_sink: bool = False  # collect the missed-token pseudo-gradient directions (PG expert_mode=missed_tokens)
     pg_momentum: float = 0.9
     balance_loss: bool = False
     num_tiers: int = 0  # > 0: a learnable output scale per tier (FLAME)
@@ -377,6 +399,7 @@ class SparseMoE(nn.Module):
         self.register_buffer("pg_default_ready", torch.zeros(m, dtype=torch.bool))
         self.register_buffer("tel_counters", torch.zeros(2 * m + 3, dtype=torch.float64), persistent=False)
         self.register_buffer("step_counters", torch.zeros(2 * m + 3, dtype=torch.float64), persistent=False)
+        self.pg_sink: MissedTokenSink | None = None  # this step's missed-token sums (PG expert_mode=missed_tokens)
 
     # ----------------------------------------------------------------- configuration
     def set_k(self, k: int) -> None:
@@ -396,7 +419,10 @@ class SparseMoE(nn.Module):
     def route(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x, self.router.weight)
         phi = self.phi if self.options.dmr else None
-        return route(logits, self.k, phi=phi, kappa=self.options.kappa, np_ratio=self.options.np_ratio)
+        return route(
+            logits, self.k, phi=phi, kappa=self.options.kappa, np_ratio=self.options.np_ratio,
+            n_candidates=self.options.num_candidates,
+        )  # fmt: skip
 
     def plan(self, routing: Routing, valid: torch.Tensor | None, num_tokens: int) -> tuple[DispatchPlan, torch.Tensor]:
         """Sort the (token, expert) assignments of the dispatched tokens by expert."""
@@ -454,9 +480,14 @@ class SparseMoE(nn.Module):
             plan, counts = self.plan(routing, valid, n_all)
             # the running mean is updated in place below, so the kernel keeps this step's copy
             router_signal_args = (self.pg_default.clone(), inactive.to(x.dtype)) if signal else None
+            pg_args = None
+            if training and self.options.pg_expert_sink and self.lora is not None:
+                if self.pg_sink is None:
+                    self.pg_sink = MissedTokenSink()
+                pg_args = (self.pg_sink, probs.detach() * inactive.to(probs.dtype))
             y, sums = DispatchedExperts.apply(
                 x, probs, *lora, plan, self.w1, self.b1, self.w2t, bias, scaling, self.activation, want_sums,
-                router_signal_args,
+                router_signal_args, pg_args,
             )  # fmt: skip
 
         if self.tier_scale is not None:
@@ -514,3 +545,4 @@ class SparseMoE(nn.Module):
 
     def reset_step(self) -> None:
         self.step_counters.zero_()
+        self.pg_sink = None

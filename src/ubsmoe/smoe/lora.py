@@ -169,3 +169,23 @@ def inject_peft_lora(
             b.zero_()
             found.extend([(a, 0), (b, 1)])
     return found
+
+
+def peft_lora_layers(module: nn.Module) -> list[nn.Module]:
+    """Every peft LoRA layer (one with a ``default`` adapter) inside ``module``."""
+    return [
+        sub
+        for sub in module.modules()
+        if isinstance(getattr(sub, "lora_A", None), nn.ModuleDict) and "default" in sub.lora_A
+    ]
+
+
+def set_peft_scaling(layers: Iterable[nn.Module], scaling: float) -> None:
+    """Set the LoRA scaling (peft's ``alpha / r``) of the ``default`` adapter of each layer.
+
+    A rank-``r_c`` client trained inside the rank-``r`` module gets ``alpha / r_c`` here when
+    ``method.lora_scaling`` is ``per_rank``: with the components beyond ``r_c`` zeroed, the
+    module then computes exactly what a stand-alone rank-``r_c`` peft LoRA does.
+    """
+    for layer in layers:
+        layer.scaling["default"] = float(scaling)

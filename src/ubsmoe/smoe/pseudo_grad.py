@@ -7,15 +7,28 @@ client leaves out most of them. PG has two independent parts (each a switch):
   with ``D_i`` a running mean of expert ``i``'s output. Forward value unchanged; the router
   learns ``<dL/dy, D_i>`` for every expert, as if the inactive ones had answered with their
   typical output.
-- the expert signal (:func:`add_expert_pseudo_gradients`): after backward, every expert's LoRA
-  gradient gets ``eta * rho_c * (P_off_i / P_on) * g_bar`` added, ``g_bar`` being the
-  token-weighted mean of the real gradients of the experts that got tokens, ``rho_c = M/K_c``
-  (sparser clients lean more on it), the added norm capped at ``||g_bar||``.
+- the expert signal, with a strength ``c_i = min(eta * rho_c * P_off_i / P_on, 1)`` per expert
+  (:func:`pseudo_gradient_coefficients`; ``rho_c = M / K_c``, sparser clients lean more on it;
+  ``P_off_i`` the router mass expert ``i`` had where it was not active, ``P_on`` that of an
+  active assignment), in one of two modes (``method.pg.expert_mode``):
+
+  * ``missed_tokens`` (default): expert ``i``'s direction ``h_i`` is the mean gradient the
+    active experts took on the tokens ``i`` missed, each token weighted by the router's
+    probability for ``i`` there (:class:`MissedTokenSink`, filled by the dispatch kernel's
+    backward pass). After the optimizer step, ``i``'s LoRA moves by
+    ``-lr * c_i * h_i / rms(h_i)`` (:func:`missed_token_steps`): outside AdamW, so the step
+    really scales with ``eta * rho_c``, with the RMS size of an Adam step at ``c_i = 1``, and
+    every expert gets its own direction.
+  * ``shared_mean`` (the first design, kept for ablations): ``c_i * g_bar`` is added to each
+    expert's gradient before the optimizer (:func:`add_expert_pseudo_gradients`), ``g_bar``
+    the per-assignment mean of the active experts' gradients. Under AdamW the scale mostly
+    normalises away and all starved experts share one direction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -88,20 +101,117 @@ def pseudo_gradient_coefficients(
 def add_expert_pseudo_gradients(
     tensors: Sequence[torch.Tensor], expert_tokens: torch.Tensor, coefficients: torch.Tensor
 ) -> None:
-    """Add ``coefficients[i] * g_bar`` to each expert's gradient, for each stacked LoRA tensor.
+    """``shared_mean`` mode: add ``coefficients[i] * g_bar`` to each expert's gradient, per stacked LoRA tensor.
 
-    ``g_bar`` is the token-weighted mean (weights ``expert_tokens``) of the experts' real
-    gradients; experts with no tokens have zero real gradient and zero weight.
+    ``g_bar = sum_j G_j / sum_j t_j`` is the per-assignment mean gradient: expert ``j``'s
+    gradient ``G_j`` is already a sum over its ``t_j`` tokens, so weighting it by ``t_j`` again
+    (the first version) counted a busy expert about ``t_j^2`` times.
     """
-    weights = expert_tokens.to(torch.float64)
-    total = float(weights.sum())
+    total = float(expert_tokens.to(torch.float64).sum())
     if total <= 0:
         return
     for tensor in tensors:
         grad = tensor.grad
         if grad is None:
             continue
-        w = (weights / total).to(grad.dtype)
-        g_bar = torch.tensordot(w, grad, dims=1)  # [...] mean over experts
+        g_bar = grad.sum(0) / total  # [...] mean gradient of one (token, expert) assignment
         coef = coefficients.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
         grad.add_(coef * g_bar.unsqueeze(0))
+
+
+@dataclass
+class MissedTokenSink:
+    """Per expert ``i``: ``sum_x q_i(x) sum_{j in A(x)} g_j(x)`` for each LoRA tensor, and ``sum_x K q_i(x)``.
+
+    ``q_i(x) = p_i(x)`` on the tokens where ``i`` was not active (0 elsewhere and on padding),
+    ``g_j(x)`` the gradient of expert ``j``'s LoRA from token ``x`` alone. The dispatch
+    kernel's backward pass adds to it (:func:`accumulate_missed_tokens`); all experts' LoRA
+    tensors have the same shape, so the gradients of different experts can be summed.
+    """
+
+    sums: list[torch.Tensor | None] = field(default_factory=lambda: [None] * 4)  # A1, B1, A2, B2 ([M, ...])
+    mass: torch.Tensor | None = None  # [M] sum over assignments of q_i (the per-assignment normaliser)
+
+    def add(self, index: int, value: torch.Tensor) -> None:
+        current = self.sums[index]
+        self.sums[index] = value if current is None else current + value
+
+    def directions(self) -> list[torch.Tensor | None]:
+        """``h_i``: the q-weighted mean per-assignment gradient on the tokens ``i`` missed (zero if none)."""
+        if self.mass is None:
+            return [None] * 4
+        denom = self.mass.clamp_min(1e-30)
+        out = []
+        for total in self.sums:
+            out.append(None if total is None else total / denom.to(total.dtype).view(-1, *([1] * (total.dim() - 1))))
+        return out
+
+
+@torch.no_grad()
+def accumulate_missed_tokens(
+    sink: MissedTokenSink,
+    q: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    dz: torch.Tensor,
+    xa: torch.Tensor,
+    t1: torch.Tensor,
+    u: torch.Tensor,
+    t2: torch.Tensor,
+    ua: torch.Tensor,
+    scaling: float,
+) -> None:
+    """Add one backward pass's missed-token sums to ``sink``.
+
+    ``q`` [N, M] is ``q_i(x)`` per token, ``x`` [N, h] the inputs and ``dy`` [N, h] the output
+    gradients per token; ``tokens`` [A] maps each (token, expert) assignment to its token, and
+    the rest are the per-assignment quantities the kernel already has: hidden gradients ``dz``
+    [A, de], ``xa = x A1^T``, ``t1 = dz B1``, activations ``u`` [A, de], ``t2 = dy B2``,
+    ``ua = u A2^T`` ([A, r] each). Expert ``j``'s LoRA gradient from one assignment is an
+    outer product (``scaling * t1 (x) x`` for A1, ``scaling * dy (x) ua`` for B2, ...), so
+    each q-weighted sum is one matrix product. For A1 and B2 one factor is the token's own
+    (x, dy), so the other is first summed over the token's K assignments and the product
+    runs over tokens, not assignments. About ``2 M r (h / K + d_e) * 2`` FLOPs per
+    assignment, a tenth to a sixth of the experts' own forward and backward products
+    (``benchmarks/pg_expert_cost.py``).
+    """
+    num_tokens, m = q.shape
+    r = xa.shape[1]
+    q = q.to(x.dtype)
+    q_rows = q.index_select(0, tokens)
+
+    def weighted(weights: torch.Tensor, factor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        # sum_row weights[row, i] factor[row] (x) other[row] for every i -> [M, r, other_dim]
+        left = (weights[:, :, None] * factor[:, None, :]).reshape(weights.shape[0], m * r)
+        return (left.t() @ other).view(m, r, other.shape[1]).mul_(scaling)
+
+    def per_token(rows: torch.Tensor) -> torch.Tensor:
+        return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, tokens, rows)
+
+    sink.add(0, weighted(q, per_token(t1), x))  # A1 [M, r, h]
+    sink.add(1, weighted(q_rows, xa, dz).transpose(1, 2))  # B1 [M, de, r]
+    sink.add(2, weighted(q_rows, t2, u))  # A2 [M, r, de]
+    sink.add(3, weighted(q, per_token(ua), dy).transpose(1, 2))  # B2 [M, h, r]
+    mass = q_rows.sum(0).to(torch.float64)
+    sink.mass = mass if sink.mass is None else sink.mass + mass
+
+
+@torch.no_grad()
+def missed_token_steps(sink: MissedTokenSink, coefficients: torch.Tensor) -> list[torch.Tensor | None]:
+    """``-c_i * h_i / rms(h_i)`` per expert and LoRA tensor (to be multiplied by the learning rate).
+
+    An expert whose direction is zero (no missed tokens, or a zero factor upstream, e.g. LoRA
+    B at its zero init) gets no step.
+    """
+    steps: list[torch.Tensor | None] = []
+    for direction in sink.directions():
+        if direction is None:
+            steps.append(None)
+            continue
+        flat = direction.reshape(direction.shape[0], -1)
+        rms = flat.square().mean(1).sqrt()
+        scale = torch.where(rms > 0, coefficients.to(rms.dtype) / rms.clamp_min(1e-30), torch.zeros_like(rms))
+        steps.append(-(direction * scale.view(-1, *([1] * (direction.dim() - 1)))))
+    return steps

@@ -4,8 +4,10 @@ Everything here works on one layer's router logits ``s`` of shape ``[tokens, M]`
 pure torch, so the layer, the tests and the benchmark all share exactly one definition of
 the mechanism in DESIGN.md section 3:
 
-- candidates ``T(x)`` = the top ``N_p`` experts of ``s`` with ``N_p = min(M, ceil(np_ratio * K))``;
-- modulated logits ``m = s + kappa * phi`` on ``T(x)`` only (``m = s`` without DMR);
+- candidates ``T(x)`` = the top ``N_p`` experts of the raw logits ``s``: ``N_p`` absolute (the
+  paper's form, ``num_candidates``) or ``min(M, ceil(np_ratio * K))``, never below ``K``;
+- modulated logits ``m = s + kappa * phi`` on ``T(x)`` only (``m = s`` without DMR; ``kappa`` is
+  the project's extension, 1 = the paper);
 - ``p = softmax(m)`` and the active set ``A(x)`` = the top ``K`` of ``m`` among the candidates
   (with DMR; all experts without it), so ``A(x)`` always lies inside ``T(x)``: a negative phi
   can push a candidate down, but never let a non-candidate in;
@@ -31,9 +33,14 @@ class Routing:
     active: torch.Tensor  # [N, M] bool, True where expert i is in A(x)
 
 
-def num_candidates(k: int, num_experts: int, np_ratio: float) -> int:
-    """``N_p = min(M, ceil(np_ratio * K))``, never below ``K`` (the active set lies inside it)."""
-    return max(k, min(num_experts, math.ceil(np_ratio * k)))
+def num_candidates(k: int, num_experts: int, np_ratio: float, absolute: int | None = None) -> int:
+    """``N_p``: ``absolute`` when given (the paper's fixed N_p), else ``ceil(np_ratio * K)``.
+
+    Capped at ``M`` and never below ``K`` (the active set lies inside the candidates), so a
+    fixed ``N_p`` gives every tier with ``K_c <= N_p`` the same candidate set.
+    """
+    wanted = absolute if absolute is not None else math.ceil(np_ratio * k)
+    return max(k, min(num_experts, wanted))
 
 
 def modulate(logits: torch.Tensor, phi: torch.Tensor, kappa: float, n_candidates: int) -> torch.Tensor:
@@ -63,17 +70,21 @@ def route(
     phi: torch.Tensor | None = None,
     kappa: float = 1.0,
     np_ratio: float = 2.0,
+    n_candidates: int | None = None,
 ) -> Routing:
-    """Top-``k`` routing of ``logits`` [N, M], modulated by ``phi`` [M] when it is given (DMR on)."""
+    """Top-``k`` routing of ``logits`` [N, M], modulated by ``phi`` [M] when it is given (DMR on).
+
+    ``n_candidates`` is the absolute ``N_p`` (None: from ``np_ratio``), see :func:`num_candidates`.
+    """
     num_experts = logits.shape[-1]
     if not 1 <= k <= num_experts:
         raise ValueError(f"k={k} must lie in [1, {num_experts}]")
     selection_mask = None
     if phi is not None:
-        n_candidates = num_candidates(k, num_experts, np_ratio)
-        if n_candidates < num_experts:
-            selection_mask = candidate_mask(logits, n_candidates)
-        logits = modulate(logits, phi, kappa, n_candidates)
+        n_p = num_candidates(k, num_experts, np_ratio, n_candidates)
+        if n_p < num_experts:
+            selection_mask = candidate_mask(logits, n_p)
+        logits = modulate(logits, phi, kappa, n_p)
     probs = torch.softmax(logits, dim=-1)
     if k == num_experts:
         experts = torch.arange(num_experts, device=logits.device).expand(logits.shape[0], num_experts)

@@ -17,7 +17,9 @@ from ubsmoe.fl.strategies.base import Strategy
 from ubsmoe.fl.strategies.fedavg import FedAvg
 from ubsmoe.fl.strategies.flexlora import FlexLoRA
 from ubsmoe.fl.strategies.flora import FLoRA
+from ubsmoe.fl.strategies.florist import FLoRIST
 from ubsmoe.fl.strategies.hetlora import HetLoRA
+from ubsmoe.fl.strategies.lora_pairs import FedIT
 from ubsmoe.fl.strategies.ubsmoe import SparseMoEStrategy
 from ubsmoe.settings import MethodSettings
 
@@ -29,6 +31,12 @@ class StrategyContext:
     expert_tensor_names: list[str]
     lora_scaling: float  # alpha / r of the full-rank adapters
     seed: int  # the strategy's own seed (e.g. FLoRA's fresh adapters)
+
+
+def _with_scaling(strategy: Strategy, method: MethodSettings) -> Strategy:
+    """A rank strategy that needs no scaling value, told how the clients scale their adapters."""
+    strategy.set_lora_scaling(method.lora_scaling)
+    return strategy
 
 
 StrategyFactory = Callable[[MethodSettings, StrategyContext], Strategy]
@@ -44,10 +52,18 @@ STRATEGIES: dict[str, StrategyFactory] = {
     "smoe": _sparse_moe,
     "smoe_llb": _sparse_moe,
     "flame": _sparse_moe,
-    "fedit": lambda method, ctx: FedAvg(),
-    "hetlora": lambda method, ctx: HetLoRA(gamma=method.self_pruning.gamma, strength=method.self_pruning.strength),
-    "flexlora": lambda method, ctx: FlexLoRA(scaling=ctx.lora_scaling),
-    "flora": lambda method, ctx: FLoRA(scaling=ctx.lora_scaling, seed=ctx.seed),
+    "fedit": lambda method, ctx: _with_scaling(FedIT(), method),
+    "hetlora": lambda method, ctx: _with_scaling(
+        HetLoRA(gamma=method.self_pruning.gamma, strength=method.self_pruning.strength), method
+    ),
+    "flexlora": lambda method, ctx: FlexLoRA(scaling=ctx.lora_scaling, lora_scaling=method.lora_scaling),
+    "flora": lambda method, ctx: FLoRA(
+        scaling=ctx.lora_scaling, seed=ctx.seed, lora_scaling=method.lora_scaling, init=method.flora_init
+    ),
+    "florist": lambda method, ctx: FLoRIST(
+        scaling=ctx.lora_scaling, seed=ctx.seed, tau=method.energy_threshold, lora_scaling=method.lora_scaling,
+        init=method.flora_init,
+    ),
 }
 
 METHODS: tuple[str, ...] = tuple(STRATEGIES)
@@ -65,7 +81,9 @@ __all__ = [
     "METHODS",
     "STRATEGIES",
     "FLoRA",
+    "FLoRIST",
     "FedAvg",
+    "FedIT",
     "FlexLoRA",
     "HetLoRA",
     "SparseMoEStrategy",

@@ -38,6 +38,11 @@ class Strategy(ABC):
         del spec
         return payload.num_bytes()
 
+    def broadcast_bytes(self, server: ServerState) -> int:
+        """Bytes every client of the federation, sampled or not, receives after this round (FLoRA's stack)."""
+        del server
+        return 0
+
     def update_bytes(self, update: ClientUpdate) -> int:
         """Bytes the client really sends back."""
         return tensor_bytes(update.state) + tensor_bytes(update.pg_defaults)

@@ -21,25 +21,23 @@ zero, and LoRA gradients could never revive it. The SVD is computed in float64.
 
 The global state's LoRA pair holds the rank-``r`` factors of dW (top r triplets, ordered
 by singular value), so truncating it to r_c, which :meth:`configure_client` and the
-rank limiter at evaluation do, is exactly the top-r_c approximation. dW itself is kept in
-the strategy state (checkpointed) so that a resumed run continues from the exact global.
-Before the first aggregation there is no dW and clients get the truncated initial pair
+rank limiter at evaluation do, is exactly the top-r_c approximation; the next round's dW
+is built from the clients' pairs alone, so dW itself need not be kept (the reference keeps
+no more). This split is the reference's own, not a departure. Before the first aggregation there is no dW and clients get the truncated initial pair
 (random A, zero B). Tensors outside the pairs are averaged with n_c.
 
-``scaling`` is the LoRA scaling every client applies; all clients train inside the same
-rank-``r`` module, so it is one number, and it cancels between aggregation and hand-out
-(it only sets the units of the stored dW, the dense weight update).
+``scaling`` is alpha / r, the full-rank LoRA scaling. With ``lora_scaling="per_rank"`` (the
+reference: a rank-r_c adapter scaled by alpha / r_c) a client's pair enters dW with its own
+s_c = alpha / r_c and receives B = U S / s_c (see :mod:`ubsmoe.fl.strategies.lora_pairs`);
+with ``"max_rank"`` every client uses s.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
 from ubsmoe.fl.strategies.lora_pairs import LoraRankStrategy, pair_rank
 
-Tensors = dict[str, torch.Tensor]
 
 
 def aggregate_delta(
@@ -82,11 +80,11 @@ class FlexLoRA(LoraRankStrategy):
 
     name = "flexlora"
 
-    def __init__(self, *, scaling: float = 1.0) -> None:
+    def __init__(self, *, scaling: float = 1.0, lora_scaling: str = "max_rank") -> None:
         if not scaling > 0:
             raise ValueError(f"LoRA scaling must be positive, got {scaling}")
         self.scaling = float(scaling)
-        self.delta: Tensors = {}  # prefix -> dW [out, in], the global model
+        self.set_lora_scaling(lora_scaling)
 
     def merge_pair(
         self,
@@ -96,13 +94,7 @@ class FlexLoRA(LoraRankStrategy):
         global_a: torch.Tensor,
         global_b: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep dW = sum_c w_c s B_c A_c as the global model; the pair holds its top-r SVD factors."""
+        """dW = sum_c w_c s_c B_c A_c; the global pair holds its top-r SVD factors (all the next round needs)."""
         full = pair_rank(global_a, global_b)
-        self.delta[prefix] = aggregate_delta(client, weights, self.scaling).to(global_a.dtype)
-        return svd_factors(self.delta[prefix], full, full, self.scaling)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"delta": {k: v.clone() for k, v in self.delta.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.delta = {k: v.clone() for k, v in state.get("delta", {}).items()}
+        delta = aggregate_delta(client, weights, self.scaling)
+        return svd_factors(delta, full, full, self.scaling)

@@ -23,10 +23,16 @@ the same is done with two pieces of state:
 
 Tensors outside the pairs (head, ...) are averaged with n_c, as in FedAvg.
 
-Communication (:meth:`FLoRA.payload_bytes`): in the paper the server broadcasts the
-round's stacked modules, sum_c r_c * (in + out) numbers per layer, not the dense delta;
-the count here charges a client the newest stack (a client that merged every broadcast
-needs only that) plus its rank-r_c pair and the other tensors.
+Fresh adapters (``method.flora_init``): ``independent`` (the reference) gives each client
+its own fresh A, drawn from (seed, round, client); ``shared`` gives every client the same
+one, re-drawn by the server after each round (the project's first version).
+
+Communication: every client must merge every round's stack to keep W0 + sum of updates
+in sync, so the server broadcasts the round's stack, sum_c r_c * (in + out) numbers per
+layer, to every client of the federation (:meth:`FLoRA.broadcast_bytes`; the loop charges
+it to all clients, sampled or not), never the dense delta. A sampled client's own payload
+(:meth:`FLoRA.payload_bytes`) is the tensors outside the pairs; its fresh LoRA pair is
+drawn from a seed, so it costs no bytes.
 """
 
 from __future__ import annotations
@@ -42,9 +48,9 @@ from ubsmoe.fl.strategies.lora_pairs import (
     LoraRankStrategy,
     find_lora_pairs,
     pair_rank,
-    rank_limited_bytes,
     truncate_state,
 )
+from ubsmoe.seeding import derive_seed
 from ubsmoe.smoe.lora import lora_a_bound
 
 Tensors = dict[str, torch.Tensor]
@@ -89,19 +95,25 @@ def fresh_lora_pair(
 class FLoRA(LoraRankStrategy):
     """Stack the clients' pairs, merge the exact product into the base weights, restart LoRA each round.
 
-    ``scaling`` is the LoRA scaling alpha / r the clients' modules apply (it enters the
-    dense delta, so it must match the model); ``seed`` seeds the re-initialisation of A.
+    ``scaling`` is the full-rank LoRA scaling alpha / r (it enters the dense delta, so it must
+    match the model; ``lora_scaling="per_rank"`` folds each client's alpha / r_c in); ``seed``
+    seeds the fresh adapters; ``init`` is ``independent`` (one per client) or ``shared``.
     """
 
     name = "flora"
 
-    def __init__(self, *, scaling: float, seed: int) -> None:
+    def __init__(self, *, scaling: float, seed: int, lora_scaling: str = "max_rank", init: str = "shared") -> None:
         if not scaling > 0:
             raise ValueError(f"LoRA scaling must be positive, got {scaling}")
+        if init not in ("independent", "shared"):
+            raise ValueError(f"init={init!r} must be 'independent' or 'shared'")
         self.scaling = float(scaling)
+        self.seed = int(seed)
+        self.init = init
+        self.set_lora_scaling(lora_scaling)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.merged: Tensors = {}  # prefix -> cumulative dense delta [out, in]
-        self.stack_ranks: dict[str, int] = {}  # prefix -> rank of the newest broadcast stack
+        self.stack_ranks: dict[str, int] = {}  # prefix -> rank of the newest broadcast update
 
     def base_deltas(self, server: ServerState) -> Tensors:
         """``<prefix>.base_delta`` for every adapted layer (zeros before the first merge)."""
@@ -116,17 +128,35 @@ class FLoRA(LoraRankStrategy):
 
     def configure_client(self, server: ServerState, spec: ClientSpec) -> ClientPayload:
         pairs = find_lora_pairs(server.global_state)
-        state = truncate_state(server.global_state, pairs, self.client_rank(spec))
+        state = dict(server.global_state)
+        if self.init == "independent" and spec.client_id >= 0:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "fresh", server.round, spec.client_id))
+            for a_name, b_name in pairs.values():  # sorted prefixes: a fixed draw order
+                state[a_name], state[b_name] = fresh_lora_pair(state[a_name], state[b_name], generator)
+        state = self.to_client_units(truncate_state(state, pairs, self.client_rank(spec)), pairs, spec)
         return ClientPayload(state=state, pg_defaults=server.pg_defaults, base_deltas=self.base_deltas(server))
 
     def payload_bytes(self, payload: ClientPayload, spec: ClientSpec) -> int:
-        """Rank-r_c pair, other tensors, and the newest stack in place of the dense base deltas."""
+        """The tensors outside the pairs (the fresh pair is drawn from a seed; the update is broadcast)."""
+        del spec
         pairs = find_lora_pairs(payload.state)
-        total = rank_limited_bytes(payload.state, pairs, self.client_rank(spec)) + tensor_bytes(payload.pg_defaults)
-        for prefix, (a_name, b_name) in pairs.items():
-            a, b = payload.state[a_name], payload.state[b_name]
+        lora_names = {name for pair in pairs.values() for name in pair}
+        others = {k: v for k, v in payload.state.items() if k not in lora_names}
+        return tensor_bytes(others) + tensor_bytes(payload.pg_defaults)
+
+    def broadcast_bytes(self, server: ServerState) -> int:
+        """Bytes of the newest round's update, which every client of the federation receives."""
+        total = 0
+        for prefix, (a_name, b_name) in find_lora_pairs(server.global_state).items():
+            a, b = server.global_state[a_name], server.global_state[b_name]
             total += self.stack_ranks.get(prefix, 0) * (a.shape[1] * a.element_size() + b.shape[0] * b.element_size())
         return total
+
+    def round_update(
+        self, client: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_g, B_g) broadcast this round, float64, with s * B_g A_g the dense update: FLoRA's exact stack."""
+        return stack([(a.to(torch.float64), b.to(torch.float64)) for a, b in client], weights)
 
     def merge_pair(
         self,
@@ -136,15 +166,13 @@ class FLoRA(LoraRankStrategy):
         global_a: torch.Tensor,
         global_b: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the exact stacked product to the merged delta; the global pair restarts fresh."""
-        a_stacked, b_stacked = stack(
-            [(a.to(torch.float64), b.to(torch.float64)) for a, b in client], weights * self.scaling
-        )
-        delta = b_stacked @ a_stacked
+        """Add the round's update s * B_g A_g to the merged delta; the global pair restarts fresh."""
+        a_g, b_g = self.round_update(client, weights)
+        delta = self.scaling * (b_g @ a_g)
         previous = self.merged.get(prefix)
         total = delta if previous is None else previous.to(torch.float64) + delta
         self.merged[prefix] = total.to(global_a.dtype)
-        self.stack_ranks[prefix] = int(a_stacked.shape[0])
+        self.stack_ranks[prefix] = int(a_g.shape[0])
         return fresh_lora_pair(global_a, global_b, self.generator)
 
     def state_dict(self) -> dict[str, Any]:

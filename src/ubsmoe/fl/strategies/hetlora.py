@@ -17,9 +17,9 @@ What the paper does, and what is implemented here:
   sets how much of the rank is under pressure (:func:`self_pruning_penalty`,
   ``strength`` = lambda). After local training the client drops the tail (r_c <- t) when
   its penalised norm came out smaller than before local training, i.e. the regularizer
-  won over the data (:func:`prune_rank` with ``reference``), or when the tail is
-  negligible next to the kept components. The pruned rank sticks to that client for the
-  following rounds.
+  won over the data (:func:`prune_rank` with ``reference``). The pruned rank sticks to that
+  client for the following rounds. (A first version also pruned a tail below 1e-6 of the
+  kept components' norm product; that rule is not in the paper and was removed.)
 
 Doubts on faithfulness: this is written from memory of the paper. The pruning comparison
 point ("smaller than in the previous round") is taken as the tail of the adapter the
@@ -93,15 +93,12 @@ def _tail_and_head(a: torch.Tensor, b: torch.Tensor, rank: int, gamma: float) ->
     return float(tail), float(head)
 
 
-def _pruning_decision(
-    tail: float, head: float, rank: int, gamma: float, reference: float | None, tol: float
-) -> int:
+def _pruning_decision(tail: float, rank: int, gamma: float, reference: float | None) -> int:
     t = tail_start(rank, gamma)
     if t >= rank:
         return rank
-    negligible = tail < tol * head
     shrank = reference is not None and tail < reference
-    return t if (negligible or shrank) else rank
+    return t if shrank else rank
 
 
 def prune_rank(
@@ -111,17 +108,15 @@ def prune_rank(
     gamma: float,
     *,
     reference: float | None = None,
-    tol: float = 1e-6,
 ) -> int:
     """The rank after self-pruning one pair: t = max(1, floor(gamma * r_c)) if the tail goes, else r_c.
 
     The tail goes when its norm product is below ``reference`` (the value before local
-    training: the regularizer made it shrink), or when it is below ``tol`` times the norm
-    product of the kept components (it carries nothing).
+    training: the regularizer made it shrink); without a reference nothing is pruned.
     """
     r = resolve_rank(rank, pair_rank(a, b))
-    tail, head = _tail_and_head(a, b, r, gamma)
-    return _pruning_decision(tail, head, r, gamma, reference, tol)
+    tail, _ = _tail_and_head(a, b, r, gamma)
+    return _pruning_decision(tail, r, gamma, reference)
 
 
 def sparsity_weights(
@@ -138,18 +133,16 @@ def sparsity_weights(
 class HetLoRA(LoraRankStrategy):
     """Truncate for the client, zero-pad and sparsity-weight on the server, optional rank self-pruning.
 
-    ``gamma`` is the self-pruning decay factor (None: no pruning); ``prune_tol`` the
-    relative size under which a tail counts as empty.
+    ``gamma`` is the self-pruning decay factor (None: no pruning).
     """
 
     name = "hetlora"
 
-    def __init__(self, *, gamma: float | None = None, strength: float = 0.0, prune_tol: float = 1e-6) -> None:
+    def __init__(self, *, gamma: float | None = None, strength: float = 0.0) -> None:
         if gamma is not None:
             tail_start(1, gamma)  # validates the range
         self.gamma = gamma
         self.strength = float(strength)
-        self.prune_tol = float(prune_tol)
         self.client_ranks: dict[int, int] = {}
 
     def client_rank(self, spec: ClientSpec) -> int | None:
@@ -216,17 +209,18 @@ class HetLoRA(LoraRankStrategy):
         for update, rank in zip(updates, ranks, strict=True):
             if update.spec.client_id < 0:
                 continue
-            tail = head = reference = 0.0
+            tail = reference = 0.0
             r = rank
             for a_name, b_name in pairs.values():
                 a, b = update.state[a_name], update.state[b_name]
                 r = resolve_rank(rank, pair_rank(a, b))
-                layer_tail, layer_head = _tail_and_head(a, b, r, self.gamma)
+                layer_tail, _ = _tail_and_head(a, b, r, self.gamma)
+                layer_tail *= self.scale_ratio(r, pair_rank(a, b))  # in the server's units (per-rank scaling)
                 sent_tail, _ = _tail_and_head(server.global_state[a_name], server.global_state[b_name], r, self.gamma)
-                tail, head, reference = tail + layer_tail, head + layer_head, reference + sent_tail
+                tail, reference = tail + layer_tail, reference + sent_tail
             if r is None:
                 continue
-            new_rank = _pruning_decision(tail, head, r, self.gamma, reference, self.prune_tol)
+            new_rank = _pruning_decision(tail, r, self.gamma, reference)
             if new_rank < r:
                 self.client_ranks[update.spec.client_id] = new_rank
 

@@ -11,8 +11,15 @@ the sparse strategies.
 Every client trains inside the rank-``r`` module with its components beyond ``r_c``
 zeroed (see :class:`ubsmoe.smoe.lora.RankLimiter`), so "truncating to r_c" here means
 keeping the shape and zeroing the tail, and "zero-padding" is what that already is.
-:class:`LoraRankStrategy` is the part the three baselines share: truncated payloads,
+:class:`LoraRankStrategy` is the part the rank baselines share: truncated payloads,
 FedAvg of the tensors outside the pairs, and communication counted at rank r_c.
+
+LoRA scaling (``method.lora_scaling``): with ``max_rank`` every client's adapter output is
+``(alpha / r) B_c A_c``; with ``per_rank`` (FlexLoRA's, FLoRA's and FLoRIST's reference code:
+a stand-alone rank-r_c LoRA) it is ``(alpha / r_c) B_c A_c``. The strategies keep the global
+pairs in units of ``alpha / r`` in both cases: a received B_c is multiplied by
+``s_c / s = r / r_c`` (:meth:`LoraRankStrategy.client_pairs`) and a sent one divided by it
+(:meth:`LoraRankStrategy.configure_client`), so every aggregation rule below is written once.
 """
 
 from __future__ import annotations
@@ -156,6 +163,20 @@ class LoraRankStrategy(Strategy):
     decide how the pairs themselves are merged.
     """
 
+    per_rank_scaling: bool = False  # method.lora_scaling == "per_rank": a client applies alpha / r_c
+
+    def set_lora_scaling(self, mode: str) -> None:
+        """``per_rank`` (alpha / r_c) or ``max_rank`` (alpha / r): how the clients' modules scale their adapters."""
+        if mode not in ("per_rank", "max_rank"):
+            raise ValueError(f"lora_scaling={mode!r} must be 'per_rank' or 'max_rank'")
+        self.per_rank_scaling = mode == "per_rank"
+
+    def scale_ratio(self, rank: int | None, full_rank: int) -> float:
+        """s_c / s: the client's LoRA scaling over the full-rank one (r / r_c with per-rank scaling, else 1)."""
+        if not self.per_rank_scaling:
+            return 1.0
+        return full_rank / resolve_rank(rank, full_rank)
+
     def client_rank(self, spec: ClientSpec) -> int | None:
         """The rank this client trains this round (``None``: full rank)."""
         return spec.rank
@@ -198,8 +219,18 @@ class LoraRankStrategy(Strategy):
 
     def configure_client(self, server: ServerState, spec: ClientSpec) -> ClientPayload:
         pairs = find_lora_pairs(server.global_state)
-        state = truncate_state(server.global_state, pairs, self.client_rank(spec))
+        state = self.to_client_units(truncate_state(server.global_state, pairs, self.client_rank(spec)), pairs, spec)
         return ClientPayload(state=state, pg_defaults=server.pg_defaults)
+
+    def to_client_units(self, state: Tensors, pairs: Mapping[str, tuple[str, str]], spec: ClientSpec) -> Tensors:
+        """Divide each B by s_c / s, so the client's alpha / r_c reproduces the global update (per-rank scaling)."""
+        if not self.per_rank_scaling:
+            return state
+        out = dict(state)
+        for a_name, b_name in pairs.values():
+            ratio = self.scale_ratio(self.client_rank(spec), pair_rank(state[a_name], state[b_name]))
+            out[b_name] = state[b_name] / ratio
+        return out
 
     def payload_bytes(self, payload: ClientPayload, spec: ClientSpec) -> int:
         """Bytes the server really sends: r_c components per LoRA pair, everything else in full."""
@@ -224,19 +255,42 @@ class LoraRankStrategy(Strategy):
             if name not in lora_names
         }
 
-    @staticmethod
     def client_pairs(
-        updates: list[ClientUpdate], prefix: str, names: tuple[str, str], ranks: list[int | None]
+        self, updates: list[ClientUpdate], prefix: str, names: tuple[str, str], ranks: list[int | None]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each client's (A_c [r_c, in], B_c [out, r_c]) for one layer, cut to the rank it trained.
 
         Cutting (rather than trusting the zeros) keeps anything a client left beyond r_c
-        out of the aggregate.
+        out of the aggregate. B_c comes back in units of the full-rank scaling (times s_c / s).
         """
         a_name, b_name = names
         out = []
         for update, rank in zip(updates, ranks, strict=True):
             if a_name not in update.state or b_name not in update.state:
                 raise KeyError(f"client {update.spec.client_id} sent no LoRA pair for layer {prefix!r}")
-            out.append(leading_pair(update.state[a_name], update.state[b_name], rank))
+            a, b = leading_pair(update.state[a_name], update.state[b_name], rank)
+            ratio = self.scale_ratio(rank, pair_rank(update.state[a_name], update.state[b_name]))
+            out.append((a, b if ratio == 1.0 else b * ratio))
         return out
+
+
+class FedIT(LoraRankStrategy):
+    """FedIT: one rank for every client (r, or the smallest tier's r_c), the n_c-weighted mean of A and of B.
+
+    The same numbers as FedAvg over the whole state; as a rank strategy it truncates the
+    payload and counts bytes at the rank the clients train (``method.homogeneous_rank``).
+    """
+
+    name = "fedit"
+
+    def merge_pair(
+        self,
+        prefix: str,
+        client: list[tuple[torch.Tensor, torch.Tensor]],
+        weights: torch.Tensor,
+        global_a: torch.Tensor,
+        global_b: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        full = pair_rank(global_a, global_b)
+        padded = [pad_pair(a, b, full) for a, b in client]
+        return weighted_mean([a for a, _ in padded], weights), weighted_mean([b for _, b in padded], weights)

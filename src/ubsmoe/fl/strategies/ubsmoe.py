@@ -6,11 +6,19 @@ f_{c,i} is the share of client c's tokens that expert i received (FLAME; t = 0 i
 FedAvg). PG default outputs D_i are averaged with the clients' activation counts a_{c,i},
 so a weak client receives defaults for experts it never runs. phi is averaged here
 (phi_bar); the DMR callback then applies the server update of DESIGN.md section 3.
+
+FLAME's per-tier output scales (``*.tier_scale``, one entry per tier) are averaged entry by
+entry over the clients of that entry's tier only (weights n_c among them); an entry whose
+tier had no client this round keeps its value. Averaging over all clients would leave each
+tier only its example share of its own update, since the other tiers' clients return the
+entry untouched.
 """
 
 from __future__ import annotations
 
 import torch
+
+TIER_SCALE_SUFFIX = ".tier_scale"
 
 from ubsmoe.fl.client import ClientUpdate
 from ubsmoe.fl.server import ServerState, owning_layer
@@ -43,12 +51,27 @@ class SparseMoEStrategy(Strategy):
         new_state = {}
         for name in server.global_state:
             tensors = [u.state[name] for u in updates]
-            if name in self.expert_tensor_names and self.exponent != 0.0:
+            if name.endswith(TIER_SCALE_SUFFIX):
+                new_state[name] = self.per_tier_mean(server.global_state[name], tensors, updates)
+            elif name in self.expert_tensor_names and self.exponent != 0.0:
                 new_state[name] = weighted_mean(tensors, self.expert_weights(updates, owning_layer(name, layers)))
             else:
                 new_state[name] = weighted_mean(tensors, weights)
         server.global_state = new_state
         server.pg_defaults = self.aggregate_pg_defaults(server.pg_defaults, updates)
+
+    @staticmethod
+    def per_tier_mean(
+        previous: torch.Tensor, tensors: list[torch.Tensor], updates: list[ClientUpdate]
+    ) -> torch.Tensor:
+        """Entry t = the n_c-weighted mean over the clients of tier t; tiers without a client keep ``previous``."""
+        out = previous.clone()
+        for tier in sorted({u.spec.tier_index for u in updates}):
+            members = [i for i, u in enumerate(updates) if u.spec.tier_index == tier]
+            n = torch.tensor([float(updates[i].num_examples) for i in members], dtype=torch.float64)
+            mean = weighted_mean([tensors[i] for i in members], n / n.sum())
+            out[tier] = mean[tier]
+        return out
 
     @staticmethod
     def aggregate_pg_defaults(
