@@ -13,7 +13,6 @@ of the model's config, so adding a family is adding a row (and a tiny config in 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -100,10 +99,12 @@ def decoder_dims(config, attention_lora: tuple[tuple[int, int], ...] = ()) -> De
 
 
 def k_for_beta(k_max: int, beta: float) -> int:
-    """``K_c = max(1, floor(K_max * beta))`` (a hair of slack so 0.29 * 100 gives 29, not 28)."""
-    if not 0.0 < float(beta) <= 1.0:
-        raise ConfigError("tiers.beta", beta, "a number in (0, 1]")
-    return max(1, math.floor(k_max * float(beta) + 1e-9))
+    """``K_c = max(1, floor(K_max * beta))``: :meth:`ubsmoe.config.Tier.num_experts_active` applied to K_max."""
+    from ubsmoe.config import Tier  # imported here: the config module may come to import this one
+
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < float(beta) <= 1.0:
+        raise ConfigError("tiers.beta", beta, "a compute budget in (0, 1]")
+    return Tier(name="", beta=float(beta), share=1.0).num_experts_active(k_max)
 
 
 def _is_sparse_mlp(mlp: nn.Module) -> bool:
@@ -147,6 +148,7 @@ def convert(
     generator: torch.Generator | None = None,
     lora_dtype: torch.dtype = torch.float32,
     router_dtype: torch.dtype | None = None,
+    grouped_mm: bool = False,
     freeze_base: bool = True,
 ) -> nn.Module:
     """Replace each sparse ``layer.mlp`` of ``model`` (in place) by a :class:`NativeSparseMoE`; return ``model``.
@@ -198,6 +200,7 @@ def convert(
             mlp.gate, experts, rule=rule, activation=activation, k_max=k_max, shared_expert=shared,
             shared_expert_gate=shared_gate, options=options, generator=generator, lora_dtype=lora_dtype,
         )  # fmt: skip
+        layer.mlp.grouped_mm = bool(grouped_mm)
         converted += 1
     if converted == 0:
         raise ValueError(f"{type(model).__name__} has no sparse MoE layer to convert")

@@ -8,7 +8,7 @@ and adds what UB-SMoE needs on top, with the surface of :class:`ubsmoe.smoe.laye
 (``set_k``, ``phi``, ``router``, ``lora``, counters, PG defaults, ``aux_loss``, ``token_mask``):
 
 - routing: the router logits, DMR-modulated on the candidates (:func:`ubsmoe.smoe.routing.modulate`),
-  softmax over the ``E`` experts in float32, the top ``K_c``; the gates are the backbone's own
+  softmax over the ``E`` experts in float32, the top ``K_c`` among the candidates; the gates are the backbone's own
   (those probabilities, renormalised over the ``K_c`` exactly when the model's config says so).
   At ``K_c`` = the model's top-k, phi = 0 and LoRA B = 0 this is the Hugging Face block.
 - dispatch: the ``(token, expert)`` assignments of real tokens sorted by expert, one gather,
@@ -32,6 +32,12 @@ from ubsmoe.smoe.layer import _SCALARS, Activation, MoEOptions
 from ubsmoe.smoe.lora import lora_a_bound
 from ubsmoe.smoe.pseudo_grad import expert_mean_outputs, router_signal, update_defaults
 from ubsmoe.smoe.routing import Routing, modulate, num_candidates, switch_balance_loss
+
+
+def candidate_mask(logits: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """[N, E] bool: each token's top ``n_candidates`` experts of the unmodulated ``logits`` (DMR's T(x))."""
+    candidates = logits.detach().topk(n_candidates, dim=-1).indices
+    return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, candidates, True)
 
 
 def recomputing_in_backward() -> bool:
@@ -125,7 +131,8 @@ class SegmentProducts:
     """Per-expert products over a plan's expert-contiguous rows: one ``mm`` per expert with rows.
 
     ``rows_t(a, w)``: row ``i`` of ``a`` times ``w[e_i]^T`` (``w`` stored ``[E, n, k]``, as
-    nn.Linear weights); ``rows(a, w)``: times ``w[e_i]``; ``outer(a, b)``: ``[E, m, n]`` with
+    nn.Linear weights); ``rows(a, w)``: times ``w[e_i]``; ``add_rows_t`` / ``add_rows``: the
+    same accumulated into an output in place; ``outer(a, b)``: ``[E, m, n]`` with
     ``a[rows of e]^T b[rows of e]`` (zero for an expert without rows); ``sums(a)``: ``[E, m]``.
     """
 
@@ -145,6 +152,18 @@ class SegmentProducts:
             torch.mm(a[start : start + count], w[e], out=out[start : start + count])
         return out
 
+    def add_rows_t(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``out += alpha * rows_t(a, w)`` in place (fused into the products: no extra pass over ``out``)."""
+        for e, start, count in self.segments:
+            out[start : start + count].addmm_(a[start : start + count], w[e].t(), alpha=alpha)
+        return out
+
+    def add_rows(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``out += alpha * rows(a, w)`` in place."""
+        for e, start, count in self.segments:
+            out[start : start + count].addmm_(a[start : start + count], w[e], alpha=alpha)
+        return out
+
     def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = a.new_zeros(self.plan.counts.shape[0], a.shape[1], b.shape[1])
         for e, start, count in self.segments:
@@ -161,8 +180,9 @@ class SegmentProducts:
 class GroupedProducts(SegmentProducts):
     """The same products with ``torch.nn.functional.grouped_mm``: one kernel for all experts, no host sync.
 
-    Worth it on a GPU (a handful of launches instead of a dozen per expert); on this CPU it
-    measured no faster than the loop, and it needs float32/bf16/fp16 with 16-byte-aligned rows.
+    Meant for GPUs (a handful of launches instead of a dozen per expert; opt in with
+    ``block.grouped_mm = True``); on this CPU it measured no faster than the loop. It needs
+    float32/bf16/fp16 with 16-byte-aligned rows (:func:`grouped_mm_supported`).
     """
 
     def __init__(self, plan: SortedAssignments) -> None:
@@ -174,6 +194,12 @@ class GroupedProducts(SegmentProducts):
 
     def rows(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.grouped_mm(a, w, offs=self.offsets)
+
+    def add_rows_t(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+        return out.add_(self.rows_t(a, w), alpha=alpha)
+
+    def add_rows(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+        return out.add_(self.rows(a, w), alpha=alpha)
 
     def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = F.grouped_mm(a.t(), b, offs=self.offsets)
@@ -216,13 +242,13 @@ class SwiGLUExperts(torch.autograd.Function):
         xa = ha = None
         if has_lora:
             xa = products.rows_t(xs, a1)  # [A, r]
-            gu.add_(products.rows_t(xa, b1), alpha=scaling)
+            products.add_rows_t(gu, xa, b1, scaling)
         g, u = gu[:, :d], gu[:, d:]
         hidden = act.forward(g) * u
         out = products.rows_t(hidden, down)  # [A, h]
         if has_lora:
             ha = products.rows_t(hidden, a2)
-            out.add_(products.rows_t(ha, b2), alpha=scaling)
+            products.add_rows_t(out, ha, b2, scaling)
         y = x.new_zeros(x.shape).index_add_(0, plan.tokens, out * gates[:, None])
         sums = products.sums(hidden) if want_sums else x.new_zeros(down.shape[0], d)
         ctx.save_for_backward(xs, gu, hidden, out, xa, ha, gates, a1, b1, a2, b2, gate_up, down)
@@ -245,7 +271,7 @@ class SwiGLUExperts(torch.autograd.Function):
         da1 = db1 = da2 = db2 = None
         if has_lora:
             t2 = products.rows(dout, b2)  # [A, r]
-            dhidden.add_(products.rows(t2, a2), alpha=scaling)
+            products.add_rows(dhidden, t2, a2, scaling)
             da2 = products.outer(t2, hidden).mul_(scaling)
             # B's gradient as [E, r, out] then flipped: products with r output rows are faster
             db2 = products.outer(ha, dout).transpose(1, 2).mul(scaling).contiguous()
@@ -254,7 +280,7 @@ class SwiGLUExperts(torch.autograd.Function):
         dxs = products.rows(dgu, gate_up)  # [A, h]
         if has_lora:
             t1 = products.rows(dgu, b1)  # [A, r]
-            dxs.add_(products.rows(t1, a1), alpha=scaling)
+            products.add_rows(dxs, t1, a1, scaling)
             da1 = products.outer(t1, xs).mul_(scaling)
             db1 = products.outer(xa, dgu).transpose(1, 2).mul(scaling).contiguous()
         dx = None
@@ -307,7 +333,9 @@ class NativeSparseMoE(nn.Module):
         self.k = min(rule.top_k, k_max)
         self.tier_index = 0
         self.dispatch = "sorted"  # "sorted" (SwiGLUExperts kernel) | "autograd" (reference, for tests)
-        self.grouped_mm: bool | None = None  # the kernel's products: None = grouped_mm off CPU, loop on CPU
+        # the kernel's products: False = a loop of mm per expert (tested everywhere); True =
+        # torch's grouped_mm where dtype and alignment allow (fewer launches on a GPU; not run on one here)
+        self.grouped_mm = False
         self.token_mask: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self._signal_defaults: torch.Tensor | None = None  # the D_i this step's router signal used
@@ -328,6 +356,12 @@ class NativeSparseMoE(nn.Module):
         counters = torch.zeros(2 * e + 3, dtype=torch.float64, device=device)
         self.register_buffer("tel_counters", counters, persistent=False)
         self.register_buffer("step_counters", counters.clone(), persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, k={self.k}, k_max={self.k_max}, top_k={self.rule.top_k}, "
+            f"renormalize={self.rule.renormalize}, expert_size={self.expert_size}, dispatch={self.dispatch}"
+        )
 
     # ----------------------------------------------------------------- configuration
     def set_k(self, k: int) -> None:
@@ -356,11 +390,18 @@ class NativeSparseMoE(nn.Module):
         # stays float64, for exact references); phi acts at that precision.
         logits = F.linear(x, self.router.weight.to(x.dtype))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        candidates = None
         if self.options.dmr:
-            phi = self.phi.to(logits.dtype)
-            logits = modulate(logits, phi, self.options.kappa, num_candidates(k, e, self.options.np_ratio))
+            n_candidates = num_candidates(k, e, self.options.np_ratio)
+            if n_candidates < e:
+                candidates = candidate_mask(logits, n_candidates)
+            logits = modulate(logits, self.phi.to(logits.dtype), self.options.kappa, n_candidates)
         probs = torch.softmax(logits, dim=-1)
-        top, experts = torch.topk(probs, k, dim=-1)
+        # the active set is the top K among the candidates T(x) (DESIGN.md section 3): a
+        # negative phi can push a candidate down but never let a non-candidate in
+        selection = probs.detach() if candidates is None else probs.detach().masked_fill(~candidates, -1.0)
+        experts = selection.topk(k, dim=-1).indices
+        top = probs.gather(-1, experts)
         if self.rule.renormalize:
             top = top / top.sum(dim=-1, keepdim=True)
         active = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, experts, True)
@@ -400,10 +441,7 @@ class NativeSparseMoE(nn.Module):
             scaling = self.lora.scaling
         else:
             lora, scaling = (None,) * 4, 1.0
-        grouped = self.grouped_mm
-        if grouped is None:  # auto: on accelerators, where it saves launches and host syncs
-            adapters = [t for t in lora if t is not None]
-            grouped = gate_up.device.type != "cpu" and grouped_mm_supported(x, gate_up, down, *adapters)
+        grouped = self.grouped_mm and grouped_mm_supported(x, gate_up, down, *(t for t in lora if t is not None))
         products = GroupedProducts if grouped else SegmentProducts
         y, sums = SwiGLUExperts.apply(
             x.to(dtype), plan.gates.to(dtype), *lora, plan, gate_up.detach(), down.detach(), scaling, self.activation,
