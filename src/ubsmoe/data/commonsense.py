@@ -31,10 +31,18 @@ import re
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from torch.utils.data import DataLoader
+
+from ubsmoe.data import partition as partitioning
+from ubsmoe.data.datamodule import ClientDataModule, FederatedData
 from ubsmoe.errors import ConfigError
+from ubsmoe.seeding import derive_seed
+from ubsmoe.tasks.instruction import collate_left, collate_right, encode_train, pad_id_of, prompt_ids
 
 PROJECT_DATA = Path(__file__).resolve().parents[3] / "data" / "commonsense"
 REQUIRED_FIELDS = ("instruction", "answer")
@@ -281,7 +289,7 @@ def build_commonsense_data(
     max_train_examples: int | None,
     max_eval_examples: int | None,
     cache_dir: str | None = None,
-) -> Any:
+) -> FederatedData:
     """Load, check, subsample, partition and tokenize the commonsense data for ``num_clients`` clients.
 
     The training mixture is partitioned with the Dirichlet (or iid) partitioner over each
@@ -291,14 +299,6 @@ def build_commonsense_data(
     derived from ``seed``, as for GLUE.
     """
     import datasets
-    import numpy as np
-    from functools import partial
-    from torch.utils.data import DataLoader
-
-    from ubsmoe.data import partition as partitioning
-    from ubsmoe.data.datamodule import ClientDataModule, FederatedData
-    from ubsmoe.seeding import derive_seed
-    from ubsmoe.tasks.instruction import collate_left, collate_right, encode_train, pad_id_of, prompt_ids
 
     benchmarks = [get_benchmark(name) for name in eval_benchmarks]
     records = load_train_mixture(
