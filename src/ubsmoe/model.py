@@ -26,7 +26,7 @@ from torch import nn
 
 from ubsmoe.errors import ConfigError
 from ubsmoe.seeding import derive_seed
-from ubsmoe.settings import MethodSettings, ModelSettings
+from ubsmoe.settings import MethodSettings, ModelSettings, OptimSettings
 from ubsmoe.smoe.flops import EncoderDims, flops_per_example, measure_flops
 from ubsmoe.smoe.layer import MoEOptions, SparseMoE
 from ubsmoe.smoe.lora import RankLimiter, attention_target_names, ffn_target_names, inject_peft_lora
@@ -120,12 +120,14 @@ class FederatedClassifier(lightning.LightningModule):
         metrics: torchmetrics.MetricCollection,
         num_tiers: int,
         init_seed: int,
+        optim: OptimSettings | None = None,
     ) -> None:
         super().__init__()
         config = check_model(model, method, num_labels, num_tiers)
         from transformers import AutoModel
 
         self.model_settings = model
+        self.optim_settings = optim or OptimSettings()
         self.method = method
         self.num_labels = num_labels
         self.num_tiers = num_tiers
@@ -399,16 +401,17 @@ class FederatedClassifier(lightning.LightningModule):
         self._val_loss_sum, self._val_count = 0.0, 0
         return values
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        optim = self.model_settings.optim
+    def configure_optimizers(self, lr_factor: float = 1.0) -> torch.optim.Optimizer:
+        """A fresh AdamW over the trainable groups, each at its rate times ``lr_factor`` (the round's schedule)."""
+        optim = self.optim_settings
         lrs = {"lora": optim.lr, "head": optim.head_lr, "router": optim.router_lr, "phi": optim.phi_lr}
         params = dict(self.named_parameters())
         groups = [
-            {"params": [params[n] for n in names], "lr": lrs[group], "name": group}
+            {"params": [params[n] for n in names], "lr": lrs[group] * lr_factor, "name": group}
             for group, names in self._groups.items()
             if names
         ]
-        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(groups, lr=optim.lr * lr_factor, weight_decay=optim.weight_decay)
 
     # ------------------------------------------------------------------ compute
     def encoder_dims(self) -> EncoderDims:

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from ubsmoe.config import method_settings, model_settings, validate
+from ubsmoe.config import method_settings, model_settings, optim_settings, server_settings, validate
 from ubsmoe.data.datamodule import build_federated_data
 from ubsmoe.data.glue import build_metrics, get_task, resolve_local_dir
 from ubsmoe.data.report import partition_report
@@ -24,7 +24,9 @@ from ubsmoe.fl.backends import build_backend
 from ubsmoe.fl.checkpoint import check_fingerprint, load_checkpoint, resolve_resume
 from ubsmoe.fl.client import make_client_specs, make_tier_specs
 from ubsmoe.fl.loop import FederatedLoop
+from ubsmoe.fl.schedule import NEEDS_TOTAL_ROUNDS
 from ubsmoe.fl.server import ClientSampler
+from ubsmoe.fl.server_optim import build_server_optimizer
 from ubsmoe.fl.strategies import StrategyContext, build_strategy
 from ubsmoe.seeding import derive_seed
 
@@ -45,10 +47,13 @@ def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The flattened settings a resumed run must share with its checkpoint."""
     raw = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(raw, dict)
-    keep = {k: raw[k] for k in ("seed", "model", "method", "federation", "tiers")}
+    keep = {k: raw[k] for k in ("seed", "model", "method", "federation", "tiers", "optim", "server")}
     keep["data"] = {k: v for k, v in raw["data"].items() if k != "local_dir"}
     flat = _flatten("", keep, {})
-    return {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS}
+    resumable = set(RESUMABLE_KEYS)
+    if raw["optim"]["schedule"] in NEEDS_TOTAL_ROUNDS:  # the remaining rounds' rates depend on the total
+        resumable.discard("federation.rounds")
+    return {k: v for k, v in flat.items() if k not in resumable}
 
 
 def output_dir_of(cfg: DictConfig) -> Path:
@@ -149,6 +154,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
         metrics=build_metrics(task),
         num_tiers=len(tiers),
         init_seed=derive_seed(cfg.seed, "init"),
+        optim=optim_settings(cfg),
     )
     callbacks = build_callbacks(cfg, module, output_dir)
     fabric = L.Fabric(
@@ -166,20 +172,21 @@ def run_experiment(cfg: DictConfig) -> float | None:
         num_experts=model_cfg.num_experts,
         max_rank=model_cfg.lora.rank,
     )
+    strategy = build_strategy(
+        method_cfg,
+        StrategyContext(
+            expert_tensor_names=module.expert_tensor_names(),
+            lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
+            seed=derive_seed(cfg.seed, "strategy"),
+        ),
+    )
     loop = FederatedLoop(
         fabric=fabric,
         module=module,
         data=data,
         specs=make_client_specs(cfg.federation.num_clients, tier_specs),
         tier_specs=tier_specs,
-        strategy=build_strategy(
-            method_cfg,
-            StrategyContext(
-                expert_tensor_names=module.expert_tensor_names(),
-                lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
-                seed=derive_seed(cfg.seed, "strategy"),
-            ),
-        ),
+        strategy=strategy,
         sampler=ClientSampler(
             cfg.federation.num_clients, cfg.federation.clients_per_round, derive_seed(cfg.seed, "sampling")
         ),
@@ -193,6 +200,11 @@ def run_experiment(cfg: DictConfig) -> float | None:
         checkpoint=cfg.callbacks.checkpoint,
         fingerprint=fingerprint,
         backend=build_backend(**OmegaConf.to_container(cfg.backend, resolve=True)),
+        # DMR's phi keeps its own server update; PG defaults live outside the global state.
+        server_optimizer=build_server_optimizer(
+            server_settings(cfg), strategy, frozen_names=module.phi_names(), method_name=cfg.method.name
+        ),
+        prox_mu=float(cfg.federation.prox_mu),
     )
     if checkpoint is not None:
         loop.load_state_dict(checkpoint)

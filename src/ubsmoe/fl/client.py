@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ubsmoe.config import Tier
+from ubsmoe.fl.schedule import lr_factor
 from ubsmoe.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -128,10 +129,15 @@ def train_client(
     local_epochs: int | None,
     seed: int,
     regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    total_rounds: int | None = None,
+    prox_mu: float = 0.0,
 ) -> ClientUpdate:
     """Local training of one client on the shared module; returns its update.
 
     ``regularizer`` is a method's client-side loss term (HetLoRA's self-pruning penalty).
+    The module's ``optim_settings`` give the rates, scaled by the round's schedule factor
+    (``total_rounds`` is needed by the cosine schedule), and the gradient clipping;
+    ``prox_mu`` > 0 adds FedProx's proximal term (:func:`proximal_term`) to the loss.
     """
     load_payload(module, spec, payload)
     module.reset_telemetry()
@@ -139,7 +145,9 @@ def train_client(
     # Dropout and any other in-step randomness depend only on (seed, round, client), so a
     # resumed run, or the same client trained in another order, draws the same numbers.
     torch.manual_seed(derive_seed(seed, "train", round_idx, spec.client_id))
-    optimizer = fabric.setup_optimizers(module.configure_optimizers())
+    settings = module.optim_settings
+    optimizer = fabric.setup_optimizers(module.configure_optimizers(lr_factor(settings, round_idx, total_rounds)))
+    anchor = received_state(module) if prox_mu > 0 else None
     total_loss, steps = 0.0, 0
     for step, batch in enumerate(data.batches(round_idx, num_steps=local_steps, num_epochs=local_epochs)):
         batch = fabric.to_device(batch)
@@ -148,8 +156,12 @@ def train_client(
             loss = module.training_step(batch, step)
             if regularizer is not None:
                 loss = loss + regularizer(module)
+            if anchor is not None:
+                loss = loss + proximal_term(module, anchor, prox_mu)
         fabric.backward(loss)
-        module.on_after_backward()
+        module.on_after_backward()  # PG's additions first: the clipping bounds the gradient really applied
+        if settings.grad_clip is not None:
+            fabric.clip_gradients(module, optimizer, max_norm=float(settings.grad_clip), error_if_nonfinite=False)
         optimizer.step()
         total_loss += float(loss.detach())
         steps += 1
@@ -164,6 +176,22 @@ def train_client(
         train_loss=total_loss / max(steps, 1),
         num_steps=steps,
     )
+
+
+def received_state(module: torch.nn.Module) -> Tensors:
+    """The trainable tensors as loaded from the payload (detached copies, on the module's device).
+
+    Read from the module right after :func:`load_payload`, so a rank-truncated payload is
+    the anchor exactly as the client trains it (components beyond r_c zero in both).
+    """
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def proximal_term(module: torch.nn.Module, anchor: Tensors, mu: float) -> torch.Tensor:
+    """FedProx (Li et al., 2020): mu / 2 * sum over trainable tensors of ||theta - theta_global||^2."""
+    params = dict(module.named_parameters())
+    total = sum(((params[n] - a) ** 2).sum() for n, a in anchor.items())
+    return 0.5 * mu * total
 
 
 def load_payload(module: FederatedClassifier, spec: ClientSpec, payload: ClientPayload) -> None:

@@ -5,7 +5,8 @@ One round, as DESIGN.md section 2 lays it out:
 1. the sampler picks ``clients_per_round`` clients; the strategy shapes each one's payload;
 2. the backend trains the sampled clients (``backend=local``: one after another on the one
    shared module, :func:`~ubsmoe.fl.client.train_client`) and returns results by client id;
-3. the strategy aggregates the updates into the server state;
+3. the strategy aggregates the updates into the server state, and the server optimizer
+   (:mod:`~ubsmoe.fl.server_optim`; plain replacement by default) steps on the change;
 4. ``fabric.call("on_aggregate_end")``: the DMR callback updates phi;
 5. every ``eval_every`` rounds (and the last) the global model is evaluated once per tier;
 6. ``fabric.call("on_round_end")``: metrics files, console table, W&B expert statistics;
@@ -31,6 +32,7 @@ from ubsmoe.fl.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from ubsmoe.fl.backends import ClientBackend, ClientJob, LocalBackend
 from ubsmoe.fl.client import ClientSpec, ClientUpdate, load_payload
 from ubsmoe.fl.server import ClientSampler, ServerState, aggregate_utilization, owning_layer
+from ubsmoe.fl.server_optim import ServerOptimizer
 from ubsmoe.fl.strategies.base import Strategy
 from ubsmoe.fl.summary import RoundSummary, TierEvaluation
 from ubsmoe.smoe.flops import flops_per_example
@@ -66,6 +68,8 @@ class FederatedLoop:
         fingerprint: dict[str, Any],
         backend: ClientBackend | None = None,
         progress: bool = True,
+        server_optimizer: ServerOptimizer | None = None,
+        prox_mu: float = 0.0,
     ) -> None:
         self.fabric = fabric
         self.module = module
@@ -86,6 +90,8 @@ class FederatedLoop:
         self.fingerprint = fingerprint
         self.progress = progress
         self.backend = backend or LocalBackend()
+        self.server_optimizer = server_optimizer or ServerOptimizer()
+        self.prox_mu = float(prox_mu)  # FedProx's mu, passed to every client's training
         self.server = ServerState(round=0, global_state=module.trainable_state(), pg_defaults=module.pg_defaults())
         self.elapsed_before = 0.0  # wall time of the rounds run before a resume
         self.eval_lengths = self._eval_lengths()
@@ -177,7 +183,9 @@ class FederatedLoop:
             update.bytes_received = self.strategy.payload_bytes(payloads[result.client_id], update.spec)
             update.bytes_sent = self.strategy.update_bytes(update)
             updates.append(update)
+        before = self.server.global_state
         self.strategy.aggregate(self.server, updates)
+        self.server_optimizer.step(before, self.server)
         self.server.utilization = aggregate_utilization(updates)
         self.fabric.call("on_aggregate_end", loop=self, round_idx=round_idx, updates=updates)
         self.server.round = round_idx + 1
@@ -269,6 +277,7 @@ class FederatedLoop:
             "server": self.server.state_dict(),
             "sampler": self.sampler.state_dict(),
             "strategy": self.strategy.state_dict(),
+            "server_optimizer": self.server_optimizer.state_dict(),
             "callbacks": {
                 type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")
             },
@@ -285,6 +294,7 @@ class FederatedLoop:
         self.server = ServerState.from_state_dict(state["server"])
         self.sampler.load_state_dict(state["sampler"])
         self.strategy.load_state_dict(state["strategy"])
+        self.server_optimizer.load_state_dict(state.get("server_optimizer", {}))
         for cb in self.callbacks:
             if hasattr(cb, "load_state_dict") and type(cb).__name__ in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][type(cb).__name__])

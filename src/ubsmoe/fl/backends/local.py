@@ -32,6 +32,8 @@ class LocalBackend(ClientBackend):
                 local_epochs=loop.local_epochs,
                 seed=loop.seed,
                 regularizer=loop.strategy.client_regularizer(job.spec),
+                total_rounds=loop.rounds,
+                prox_mu=loop.prox_mu,
             )
             result = ClientResult(job.client_id, update, seconds=time.perf_counter() - t0)
             results.append(result)

@@ -143,6 +143,7 @@ class HetLoRA(LoraRankStrategy):
     """
 
     name = "hetlora"
+    supports_server_optimizer = True  # A and B are (sparsity-)weighted means of the padded factors
 
     def __init__(self, *, gamma: float | None = None, strength: float = 0.0, prune_tol: float = 1e-6) -> None:
         if gamma is not None:
