@@ -35,7 +35,9 @@ GLUE_DIR = str(Path(__file__).resolve().parents[1] / "data" / "glue")
         (OptimSettings(schedule="step", step_rounds=1, step_gamma=0.1, warmup_rounds=1), 4, [0.5, 1.0, 0.1, 0.01]),
     ],
 )
-def test_schedule_gives_the_documented_rate_each_round(settings: OptimSettings, rounds: int, expected: list[float]) -> None:
+def test_schedule_gives_the_documented_rate_each_round(
+    settings: OptimSettings, rounds: int, expected: list[float]
+) -> None:
     got = [lr_factor(settings, r, rounds) for r in range(rounds)]
     assert got == pytest.approx(expected, rel=1e-12)
 
@@ -112,7 +114,9 @@ class StepSpy:
         monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 
-def train(setup, settings: OptimSettings, *, round_idx: int = 0, total_rounds: int = 4, prox_mu: float = 0.0, steps: int = 3):
+def train(
+    setup, settings: OptimSettings, *, round_idx: int = 0, total_rounds: int = 4, prox_mu: float = 0.0, steps: int = 3
+):
     fabric, module, payload, spec, data = setup
     module.optim_settings = settings
     try:

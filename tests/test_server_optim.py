@@ -93,7 +93,8 @@ def test_fedavg_server_lr_scales_the_change() -> None:
     ServerOptimizer(ServerSettings(optimizer="fedavg", lr=0.5)).step(before, server)
     for name in before:
         expected = before[name].double() + 0.5 * (aggregate[name].double() - before[name].double())
-        torch.testing.assert_close(server.global_state[name].double(), expected, rtol=1.2e-7, atol=1e-12)  # float32 cast
+        # the result is cast back to float32: a relative error of one float32 rounding
+        torch.testing.assert_close(server.global_state[name].double(), expected, rtol=1.2e-7, atol=1e-12)
 
 
 def test_fedavgm_momentum_accumulates_the_changes() -> None:
@@ -167,7 +168,7 @@ def test_fedadam_default_is_the_papers_uncorrected_rule() -> None:
     settings = ServerSettings(optimizer="fedadam", lr=0.05, betas=(0.9, 0.99), tau=1e-3)
     assert settings.bias_correction is False
     xs, grads = run_toy(settings)
-    x, m, v = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    x, m, v = (torch.zeros(5, dtype=torch.float64) for _ in range(3))
     for got, grad in zip(xs, grads, strict=True):
         delta = -grad
         m = 0.9 * m + 0.1 * delta
@@ -176,10 +177,12 @@ def test_fedadam_default_is_the_papers_uncorrected_rule() -> None:
         torch.testing.assert_close(got, x, rtol=1e-10, atol=1e-12)
 
 
-def yogi_reference(grads: list[list[float]], lr: float, b1: float, b2: float, tau: float, bias: bool) -> list[list[float]]:
+def yogi_reference(
+    grads: list[list[float]], lr: float, b1: float, b2: float, tau: float, bias: bool, v0: float = 0.0
+) -> list[list[float]]:
     """FedYogi by hand, one float at a time (python floats are float64)."""
     n = len(grads[0])
-    x, m, v, out = [0.0] * n, [0.0] * n, [0.0] * n, []
+    x, m, v, out = [0.0] * n, [0.0] * n, [v0] * n, []
     for t, g in enumerate(grads, start=1):
         for i in range(n):
             m[i] = b1 * m[i] + (1 - b1) * g[i]
@@ -207,7 +210,8 @@ def test_fedyogi_matches_a_hand_computed_float64_reference(bias_correction: bool
         before = server.global_state
         server.global_state = {"x": before["x"] - torch.tensor(grad, dtype=torch.float64)}  # aggregate = x - g
         opt.step(before, server)
-        torch.testing.assert_close(server.global_state["x"], torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+        want_t = torch.tensor(want, dtype=torch.float64)
+        torch.testing.assert_close(server.global_state["x"], want_t, rtol=1e-12, atol=1e-14)
     # Yogi's v differs from Adam's on these gradients: the rule is not Adam in disguise.
     adam = ServerOptimizer(replace(settings, optimizer="fedadam", bias_correction=True))
     adam_server = ServerState(round=0, global_state={"x": torch.zeros(3, dtype=torch.float64)})
@@ -216,6 +220,36 @@ def test_fedyogi_matches_a_hand_computed_float64_reference(bias_correction: bool
         adam_server.global_state = {"x": before["x"] - torch.tensor(grad, dtype=torch.float64)}
         adam.step(before, adam_server)
     assert not torch.allclose(adam_server.global_state["x"], server.global_state["x"])
+
+
+def test_initial_v_is_where_the_second_moment_starts() -> None:
+    """``server.initial_v = tau^2``: the paper's v_{-1} >= tau^2 (the default 0 is torch's and Flower's)."""
+    tau, v0 = 1e-3, 1e-2  # v0 well above tau^2 so that its effect is visible in every step
+    xs, grads = run_toy(ServerSettings(optimizer="fedadam", lr=0.05, tau=tau, initial_v=v0))
+    x, m = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    v = torch.full((5,), v0, dtype=torch.float64)
+    for got, grad in zip(xs, grads, strict=True):
+        m = 0.9 * m - 0.1 * grad
+        v = 0.99 * v + 0.01 * grad**2
+        x = x + 0.05 * m / (v.sqrt() + tau)
+        torch.testing.assert_close(got, x, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(xs[0], run_toy(ServerSettings(optimizer="fedadam", lr=0.05, tau=tau))[0][0])
+
+    xs, grads = run_toy(ServerSettings(optimizer="fedadagrad", lr=0.1, tau=tau, initial_v=v0))
+    x, v = torch.zeros(5, dtype=torch.float64), torch.full((5,), v0, dtype=torch.float64)
+    for got, grad in zip(xs, grads, strict=True):
+        v = v + grad**2
+        x = x - 0.1 * grad / (v.sqrt() + tau)
+        torch.testing.assert_close(got, x, rtol=1e-12, atol=1e-14)
+
+    grads_y = [[0.5, -1.0, 0.0], [0.1, -2.0, 0.3], [2.0, 0.01, -0.3]]
+    opt = ServerOptimizer(ServerSettings(optimizer="fedyogi", lr=0.1, tau=tau, initial_v=0.5))
+    server = ServerState(round=0, global_state={"x": torch.zeros(3, dtype=torch.float64)})
+    for grad, want in zip(grads_y, yogi_reference(grads_y, 0.1, 0.9, 0.99, tau, False, v0=0.5), strict=True):
+        before = server.global_state
+        server.global_state = {"x": before["x"] - torch.tensor(grad, dtype=torch.float64)}
+        opt.step(before, server)
+        torch.testing.assert_close(server.global_state["x"], torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
 def test_fedadagrad_is_the_papers_rule_without_momentum() -> None:
@@ -315,6 +349,8 @@ def test_only_averaging_strategies_opt_in() -> None:
         (("server=fedavgm", "server.momentum=1.0"), "server.momentum"),
         (("server.momentum=0.5",), "server.momentum"),  # momentum with plain fedavg would be ignored
         (("server.bias_correction=maybe",), "server.bias_correction"),
+        (("server=fedadam", "server.initial_v=-1e-6"), "server.initial_v"),
+        (("server=fedavgm", "server.initial_v=1e-6"), "server.initial_v"),  # no second moment to start
         (("+server.nesterov=true",), "server.nesterov"),
     ],
 )

@@ -174,7 +174,9 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_bool(cfg, "model.lora.ffn")
     if OmegaConf.select(cfg, "model.optim") is not None:  # a config written for the old layout
         raise ConfigError(
-            "model.optim", OmegaConf.to_container(cfg.model.optim), "nothing: the keys moved to the optim group (optim.lr, ...)"
+            "model.optim",
+            OmegaConf.to_container(cfg.model.optim),
+            "nothing: the keys moved to the optim group (optim.lr, ...)",
         )
     _validate_optim(cfg)
     _validate_server(cfg)
@@ -279,6 +281,9 @@ def _validate_server(cfg: DictConfig) -> None:
         raise ConfigError("server.betas", shown, "two numbers [beta_1, beta_2], each in [0, 1)")
     _require_float(cfg, "server.tau", 0.0, low_open=True)
     _require_bool(cfg, "server.bias_correction")
+    initial_v = _require_float(cfg, "server.initial_v", 0.0)
+    if initial_v != 0.0 and optimizer in ("fedavg", "fedavgm"):
+        raise ConfigError("server.initial_v", initial_v, "0 unless server.optimizer is fedadam, fedyogi or fedadagrad")
     # The method decides (Strategy.supports_server_optimizer); building it is cheap and
     # needs no model, so the placeholder context only serves the constructor.
     strategy = build_strategy(method_settings(cfg), StrategyContext(expert_tensor_names=[], lora_scaling=1.0, seed=0))
@@ -295,7 +300,7 @@ def server_settings(cfg: DictConfig) -> ServerSettings:
     raw = _check_known_keys(cfg, "server", ServerSettings)
     raw["betas"] = tuple(float(b) for b in raw["betas"])
     raw["lr"], raw["tau"] = float(raw["lr"]), float(raw["tau"])
-    raw["momentum"] = float(raw["momentum"])
+    raw["momentum"], raw["initial_v"] = float(raw["momentum"]), float(raw["initial_v"])
     return ServerSettings(**raw)
 
 

@@ -50,7 +50,9 @@ class ServerSettings:
     ``fedavg`` with ``lr`` 1 replaces the global state by the aggregate (no optimizer);
     otherwise the change (aggregate minus global) is a pseudo-gradient for a torch optimizer
     (:mod:`ubsmoe.fl.server_optim`). ``tau`` is the adaptivity (eps) of the adaptive ones;
-    ``bias_correction`` switches Adam's / Yogi's bias correction (off in the paper).
+    ``bias_correction`` switches Adam's / Yogi's bias correction (off in the paper);
+    ``initial_v`` is their second moment's start v_{-1} (0 as in torch and Flower; the
+    paper's analysis takes v_{-1} >= tau^2).
     """
 
     optimizer: str = "fedavg"
@@ -59,6 +61,7 @@ class ServerSettings:
     betas: tuple[float, float] = (0.9, 0.99)
     tau: float = 1e-3
     bias_correction: bool = False
+    initial_v: float = 0.0
 
     @property
     def is_default(self) -> bool:

@@ -18,8 +18,9 @@ Choices, each a named switch or listed in docs/notes/issue16-optim.md:
   eps after correcting v); with ``false`` :class:`PaperAdam` rescales torch's lr and eps
   every step so that torch computes exactly the paper's update; with ``true`` fedadam is
   torch.optim.Adam as is, and fedyogi corrects the same way.
-- the moments start at zero (torch's and Flower's choice); the paper's analysis asks
-  ``v_{-1} >= tau^2``.
+- ``server.initial_v`` (default 0): the second moment's start v_{-1}. Zero is torch's and
+  Flower's choice; the paper's analysis takes ``v_{-1} >= tau^2`` (set ``initial_v`` to
+  ``tau**2`` for that). The first moment starts at zero.
 - fedadagrad has no first moment (torch's Adagrad; Flower's default beta_1 = 0); the
   paper's Algorithm 2 allows one. ``server.betas`` is not used by it.
 - the step runs in float64 on a copy of the global tensors and is cast back.
@@ -60,7 +61,7 @@ class Yogi(torch.optim.Optimizer):
         x = x - lr * m / (sqrt(v) + eps)
 
     ``bias_correction``: as torch's Adam, x = x - lr / c1 * m / (sqrt(v / c2) + eps) with
-    c_i = 1 - b_i^t (off in Reddi et al.'s Algorithm 2). The moments start at zero.
+    c_i = 1 - b_i^t (off in Reddi et al.'s Algorithm 2). m starts at zero, v at ``initial_v``.
     """
 
     def __init__(
@@ -70,10 +71,12 @@ class Yogi(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-3,
         bias_correction: bool = False,
+        initial_v: float = 0.0,
     ) -> None:
-        if lr < 0 or eps < 0 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"invalid Yogi settings lr={lr}, betas={betas}, eps={eps}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "bias_correction": bias_correction})
+        if lr < 0 or eps < 0 or initial_v < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid Yogi settings lr={lr}, betas={betas}, eps={eps}, initial_v={initial_v}")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "bias_correction": bias_correction}
+        super().__init__(params, {**defaults, "initial_v": initial_v})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -91,7 +94,7 @@ class Yogi(torch.optim.Optimizer):
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.full_like(p, group["initial_v"])
                 state["step"] += 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.mul_(b1).add_(g, alpha=1.0 - b1)
@@ -130,11 +133,29 @@ class PaperAdam(torch.optim.Adam):
         return super().step(closure)
 
 
+def start_second_moment(optimizer: torch.optim.Adam, initial_v: float) -> torch.optim.Adam:
+    """Give torch's Adam the state it would create itself, except v = ``initial_v`` (its start v_{-1}).
+
+    Adam initialises a parameter's state only when it finds none, so a state written
+    before the first step (the same keys and types: step, exp_avg, exp_avg_sq) is used as is.
+    """
+    if initial_v == 0.0:
+        return optimizer
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {
+                "step": torch.tensor(0.0, dtype=torch.float32),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.full_like(p, initial_v, memory_format=torch.preserve_format),
+            }
+    return optimizer
+
+
 def _adam(params: list[torch.Tensor], s: ServerSettings) -> torch.optim.Optimizer:
     betas = (float(s.betas[0]), float(s.betas[1]))
     if s.bias_correction:
-        return torch.optim.Adam(params, lr=s.lr, betas=betas, eps=s.tau)
-    return PaperAdam(params, lr=s.lr, betas=betas, eps=s.tau)
+        return start_second_moment(torch.optim.Adam(params, lr=s.lr, betas=betas, eps=s.tau), s.initial_v)
+    return start_second_moment(PaperAdam(params, lr=s.lr, betas=betas, eps=s.tau), s.initial_v)
 
 
 OptimizerFactory = Callable[[list[torch.Tensor], ServerSettings], torch.optim.Optimizer]
@@ -144,9 +165,16 @@ SERVER_OPTIMIZERS: dict[str, OptimizerFactory] = {
     "fedavgm": lambda params, s: torch.optim.SGD(params, lr=s.lr, momentum=s.momentum),
     "fedadam": _adam,
     "fedyogi": lambda params, s: Yogi(
-        params, lr=s.lr, betas=(float(s.betas[0]), float(s.betas[1])), eps=s.tau, bias_correction=s.bias_correction
+        params,
+        lr=s.lr,
+        betas=(float(s.betas[0]), float(s.betas[1])),
+        eps=s.tau,
+        bias_correction=s.bias_correction,
+        initial_v=s.initial_v,
     ),
-    "fedadagrad": lambda params, s: torch.optim.Adagrad(params, lr=s.lr, eps=s.tau),
+    "fedadagrad": lambda params, s: torch.optim.Adagrad(
+        params, lr=s.lr, eps=s.tau, initial_accumulator_value=s.initial_v
+    ),
 }
 
 
