@@ -362,6 +362,13 @@ def test_bad_server_values_name_their_key(overrides: tuple[str, ...], key: str) 
     assert key in str(err.value)
 
 
+def test_every_method_takes_the_default_server_update() -> None:
+    from ubsmoe.fl.strategies import METHODS
+
+    for method in METHODS:
+        validate(compose_config("experiment=smoke", f"method={method}"))
+
+
 @pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
 def test_every_server_group_file_is_valid_for_ubsmoe_and_hetlora(name: str) -> None:
     validate(compose_config("experiment=smoke", f"server={name}"))
