@@ -183,7 +183,10 @@ def check_server_optimizer(settings: ServerSettings, strategy: Strategy, method_
     if settings.is_default or strategy.supports_server_optimizer:
         return
     method = method_name or strategy.name
-    why = f"fedavg with server.lr=1 for method {method}: its global state is not an average of the clients' states"
+    why = (
+        f"only server.optimizer=fedavg with server.lr=1 for method {method} (its global state is not an "
+        "average of the clients' states, so its change is no pseudo-gradient)"
+    )
     if settings.optimizer != "fedavg":
         raise ConfigError("server.optimizer", settings.optimizer, why)
     raise ConfigError("server.lr", settings.lr, why)
