@@ -215,7 +215,7 @@ def test_dmr_penalty_and_optimizer_groups(sparse_model):
     assert shifted - base == pytest.approx(settings.penalty * 8 * 2.0**2, rel=1e-4)
     opt = sparse_model.configure_optimizers()
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-    optim = sparse_model.model_settings.optim
+    optim = sparse_model.optim_settings
     assert lrs == {"lora": optim.lr, "head": optim.head_lr, "router": optim.router_lr, "phi": optim.phi_lr}
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     assert n_params == len(sparse_model.trainable_state())

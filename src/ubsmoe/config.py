@@ -26,6 +26,7 @@ from ubsmoe.settings import (
     OptimSettings,
     PGSettings,
     SelfPruningSettings,
+    ServerSettings,
 )
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ PG_EXPERT_MODES = ("missed_tokens", "shared_mean")
 LORA_SCALINGS = ("per_rank", "max_rank")
 HOMOGENEOUS_RANKS = ("full", "smallest")
 FLORA_INITS = ("independent", "shared")
+CLIENT_OPTIMIZERS = ("adamw",)
 
 
 @dataclass(frozen=True)
@@ -247,9 +249,14 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_float(cfg, "model.lora.alpha", 0.0, low_open=True)
     _require_float(cfg, "model.lora.dropout", 0.0, 1.0, high_open=True)
     _require_bool(cfg, "model.lora.ffn")
-    for key in ("lr", "head_lr", "router_lr", "phi_lr"):
-        _require_float(cfg, f"model.optim.{key}", 0.0, low_open=True)
-    _require_float(cfg, "model.optim.weight_decay", 0.0)
+    if OmegaConf.select(cfg, "model.optim") is not None:  # a config written for the old layout
+        raise ConfigError(
+            "model.optim",
+            OmegaConf.to_container(cfg.model.optim),
+            "nothing: the keys moved to the optim group (optim.lr, ...)",
+        )
+    _validate_optim(cfg)
+    _validate_server(cfg)
 
     _require_int(cfg, "data.max_length", 8, 4096)
     _require_int(cfg, "data.batch_size", 1)
@@ -283,6 +290,7 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_int(cfg, "federation.min_client_size", 1)
     _require_int(cfg, "federation.eval_every", 1)
     _validate_faults(cfg, per_round)
+    _require_float(cfg, "federation.prox_mu", 0.0)
 
     _require_choice(cfg, "logger.name", LOGGERS)
     if _get(cfg, "logger.name") == "wandb":
@@ -397,6 +405,80 @@ def _warn_candidates(cfg: DictConfig, num_experts: int) -> None:
         )
 
 
+def _check_known_keys(cfg: DictConfig, group: str, settings: type) -> dict[str, Any]:
+    """The group as a dict; a key the settings dataclass does not have is an error, not ignored."""
+    raw = OmegaConf.to_container(_get(cfg, group), resolve=True)
+    if not isinstance(raw, dict):
+        raise ConfigError(group, raw, f"a mapping with the keys {sorted(settings.__dataclass_fields__)}")
+    allowed = set(settings.__dataclass_fields__)
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{group}.{unknown[0]}", raw[unknown[0]], f"a key among {sorted(allowed)}")
+    return raw
+
+
+def _validate_optim(cfg: DictConfig) -> None:
+    """The clients' optimizer group ``optim`` (configs/optim/adamw.yaml)."""
+    from ubsmoe.fl.schedule import SCHEDULES
+
+    _check_known_keys(cfg, "optim", OptimSettings)
+    _require_choice(cfg, "optim.name", CLIENT_OPTIMIZERS)
+    for key in ("lr", "head_lr", "router_lr", "phi_lr"):
+        _require_float(cfg, f"optim.{key}", 0.0, low_open=True)
+    _require_float(cfg, "optim.weight_decay", 0.0)
+    if _get(cfg, "optim.grad_clip") is not None:
+        _require_float(cfg, "optim.grad_clip", 0.0, low_open=True)
+    _require_choice(cfg, "optim.schedule", tuple(SCHEDULES))
+    _require_int(cfg, "optim.warmup_rounds", 0)
+    _require_float(cfg, "optim.min_lr_factor", 0.0, 1.0)
+    _require_int(cfg, "optim.step_rounds", 1)
+    _require_float(cfg, "optim.step_gamma", 0.0, 1.0, low_open=True)
+
+
+def _validate_server(cfg: DictConfig) -> None:
+    """The server update group ``server`` (configs/server/*.yaml), and whether the method can take it."""
+    from ubsmoe.fl.server_optim import SERVER_OPTIMIZERS, check_server_optimizer
+    from ubsmoe.fl.strategies import StrategyContext, build_strategy
+
+    _check_known_keys(cfg, "server", ServerSettings)
+    optimizer = _require_choice(cfg, "server.optimizer", tuple(SERVER_OPTIMIZERS))
+    _require_float(cfg, "server.lr", 0.0, low_open=True)
+    momentum = _require_float(cfg, "server.momentum", 0.0, 1.0, high_open=True)
+    if momentum != 0.0 and optimizer != "fedavgm":
+        raise ConfigError("server.momentum", momentum, "0 unless server.optimizer=fedavgm (the only one with momentum)")
+    betas = _get(cfg, "server.betas")
+    if (
+        not isinstance(betas, (list, ListConfig))
+        or len(betas) != 2
+        or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0 for b in betas)
+    ):
+        shown = list(betas) if isinstance(betas, ListConfig) else betas
+        raise ConfigError("server.betas", shown, "two numbers [beta_1, beta_2], each in [0, 1)")
+    _require_float(cfg, "server.tau", 0.0, low_open=True)
+    _require_bool(cfg, "server.bias_correction")
+    initial_v = _require_float(cfg, "server.initial_v", 0.0)
+    if initial_v != 0.0 and optimizer in ("fedavg", "fedavgm"):
+        raise ConfigError("server.initial_v", initial_v, "0 unless server.optimizer is fedadam, fedyogi or fedadagrad")
+    # The method decides (Strategy.supports_server_optimizer); building it is cheap and
+    # needs no model, so the placeholder context only serves the constructor.
+    strategy = build_strategy(method_settings(cfg), StrategyContext(expert_tensor_names=[], lora_scaling=1.0, seed=0))
+    check_server_optimizer(server_settings(cfg), strategy, method_name=str(_get(cfg, "method.name")))
+
+
+def optim_settings(cfg: DictConfig) -> OptimSettings:
+    """The validated ``optim`` group as :class:`OptimSettings`."""
+    return OptimSettings(**_check_known_keys(cfg, "optim", OptimSettings))
+
+
+def server_settings(cfg: DictConfig) -> ServerSettings:
+    """The validated ``server`` group as :class:`ServerSettings`."""
+    raw = _check_known_keys(cfg, "server", ServerSettings)
+    raw["betas"] = tuple(float(b) for b in raw["betas"])
+    raw["lr"], raw["tau"] = float(raw["lr"]), float(raw["tau"])
+    raw["momentum"], raw["initial_v"] = float(raw["momentum"]), float(raw["initial_v"])
+    return ServerSettings(**raw)
+
+
 def model_settings(cfg: DictConfig) -> ModelSettings:
     """The validated ``model`` group as :class:`ModelSettings`."""
     raw = OmegaConf.to_container(cfg.model, resolve=True)
@@ -416,7 +498,6 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
         gradient_checkpointing=raw.get("gradient_checkpointing", defaults.gradient_checkpointing),
         router_dtype=raw.get("router_dtype", defaults.router_dtype),
         lora=LoraSettings(**raw["lora"]),
-        optim=OptimSettings(**raw["optim"]),
     )
 
 

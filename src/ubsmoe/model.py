@@ -29,7 +29,7 @@ from ubsmoe.backbones.base import BackboneAdapter
 from ubsmoe.backbones.moefy_adapter import resolve_backbone_path
 from ubsmoe.errors import ConfigError
 from ubsmoe.seeding import derive_seed
-from ubsmoe.settings import MethodSettings, ModelSettings
+from ubsmoe.settings import MethodSettings, ModelSettings, OptimSettings
 from ubsmoe.smoe.flops import EncoderDims, measure_flops
 from ubsmoe.smoe.lora import RankLimiter, peft_lora_layers, set_peft_scaling
 from ubsmoe.smoe.moefy import ROUTER_INITS
@@ -93,10 +93,12 @@ class FederatedModel(lightning.LightningModule):
         method: MethodSettings,
         num_tiers: int,
         init_seed: int,
+        optim: OptimSettings | None = None,
     ) -> None:
         super().__init__()
         self.adapter = adapter
         self.task = task
+        self.optim_settings = optim or OptimSettings()
         self.method = method
         self.num_tiers = num_tiers
         self.sparse = bool(method.sparse)
@@ -357,16 +359,17 @@ class FederatedModel(lightning.LightningModule):
         """The task's evaluation of the module as it stands (tier and payload already loaded)."""
         return self.task.evaluate(self, loaders, fabric)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        optim = self.model_settings.optim
+    def configure_optimizers(self, lr_factor: float = 1.0) -> torch.optim.Optimizer:
+        """A fresh AdamW over the trainable groups, each at its rate times ``lr_factor`` (the round's schedule)."""
+        optim = self.optim_settings
         lrs = {"lora": optim.lr, "head": optim.head_lr, "router": optim.router_lr, "phi": optim.phi_lr}
         params = dict(self.named_parameters())
         groups = [
-            {"params": [params[n] for n in names], "lr": lrs[group], "name": group}
+            {"params": [params[n] for n in names], "lr": lrs[group] * lr_factor, "name": group}
             for group, names in self._groups.items()
             if names
         ]
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr * lr_factor, weight_decay=optim.weight_decay)
         # PG's missed-token steps are applied after AdamW's, at the LoRA group's learning rate
         optimizer.register_step_post_hook(self._after_optimizer_step)
         return optimizer
@@ -417,6 +420,7 @@ class FederatedClassifier(FederatedModel):
         num_tiers: int,
         init_seed: int,
         main_metric: str = "accuracy",
+        optim: OptimSettings | None = None,
     ) -> None:
         _check_settings(model, method, num_labels, num_tiers)
         super().__init__(
@@ -428,5 +432,6 @@ class FederatedClassifier(FederatedModel):
             method=method,
             num_tiers=num_tiers,
             init_seed=init_seed,
+            optim=optim,
         )
         self.num_labels = num_labels

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ubsmoe.config import fault_policy, method_settings, model_settings, validate
+from ubsmoe.config import fault_policy, method_settings, model_settings, optim_settings, server_settings, validate
 from ubsmoe.console import RunConsole
 from ubsmoe.data.report import partition_report
 from ubsmoe.fl.backends import build_backend
@@ -30,7 +30,9 @@ from ubsmoe.fl.checkpoint import (
 )
 from ubsmoe.fl.client import make_client_specs, make_tier_specs
 from ubsmoe.fl.loop import FederatedLoop
+from ubsmoe.fl.schedule import NEEDS_TOTAL_ROUNDS
 from ubsmoe.fl.server import ClientSampler
+from ubsmoe.fl.server_optim import build_server_optimizer
 from ubsmoe.fl.strategies import StrategyContext, build_strategy
 from ubsmoe.seeding import derive_seed
 from ubsmoe.tasks.kinds import build_run_kind
@@ -52,10 +54,13 @@ def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The flattened settings a resumed run must share with its checkpoint."""
     raw = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(raw, dict)
-    keep = {k: raw[k] for k in ("seed", "model", "method", "federation", "tiers")}
+    keep = {k: raw[k] for k in ("seed", "model", "method", "federation", "tiers", "optim", "server")}
     keep["data"] = {k: v for k, v in raw["data"].items() if k != "local_dir"}
     flat = _flatten("", keep, {})
-    return {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS}
+    resumable = set(RESUMABLE_KEYS)
+    if raw["optim"]["schedule"] in NEEDS_TOTAL_ROUNDS:  # the remaining rounds' rates depend on the total
+        resumable.discard("federation.rounds")
+    return {k: v for k, v in flat.items() if k not in resumable}
 
 
 def run_tier_specs(tiers: list[Any], module: Any) -> list[Any]:
@@ -196,20 +201,21 @@ def run_experiment(cfg: DictConfig) -> float | None:
     )
     fabric.setup_module(module)
     tier_specs = run_tier_specs(tiers, module)
+    strategy = build_strategy(
+        method_cfg,
+        StrategyContext(
+            expert_tensor_names=module.expert_tensor_names(),
+            lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
+            seed=derive_seed(cfg.seed, "strategy"),
+        ),
+    )
     loop = FederatedLoop(
         fabric=fabric,
         module=module,
         data=data,
         specs=make_client_specs(cfg.federation.num_clients, tier_specs),
         tier_specs=tier_specs,
-        strategy=build_strategy(
-            method_cfg,
-            StrategyContext(
-                expert_tensor_names=module.expert_tensor_names(),
-                lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
-                seed=derive_seed(cfg.seed, "strategy"),
-            ),
-        ),
+        strategy=strategy,
         sampler=ClientSampler(
             cfg.federation.num_clients, cfg.federation.clients_per_round, derive_seed(cfg.seed, "sampling")
         ),
@@ -225,6 +231,11 @@ def run_experiment(cfg: DictConfig) -> float | None:
         backend=build_backend(**OmegaConf.to_container(cfg.backend, resolve=True)),
         faults=fault_policy(cfg),
         checkpoint_keep=cfg.checkpoint.keep,
+        # DMR's phi keeps its own server update; PG defaults live outside the global state.
+        server_optimizer=build_server_optimizer(
+            server_settings(cfg), strategy, frozen_names=module.phi_names(), method_name=cfg.method.name
+        ),
+        prox_mu=float(cfg.federation.prox_mu),
     )
     if checkpoint is not None:
         loop.load_state_dict(checkpoint)

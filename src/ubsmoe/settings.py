@@ -21,11 +21,52 @@ class LoraSettings:
 
 @dataclass
 class OptimSettings:
+    """The clients' local optimizer (AdamW), mirroring ``configs/optim/*.yaml``.
+
+    ``lr`` is the LoRA adapters' rate; ``head_lr``, ``router_lr``, ``phi_lr`` those of the
+    other parameter groups. The round schedule (:func:`ubsmoe.fl.schedule.lr_factor`)
+    scales every group's rate by the same factor. ``grad_clip`` is the max total L2 norm of
+    the trainable gradients (``None``: no clipping), applied after PG's additions.
+    """
+
+    name: str = "adamw"
     lr: float = 1e-3
     head_lr: float = 5e-3
     router_lr: float = 1e-3
     phi_lr: float = 1e-2
     weight_decay: float = 0.0
+    grad_clip: float | None = None
+    schedule: str = "constant"  # constant | cosine | step (over rounds)
+    warmup_rounds: int = 0
+    min_lr_factor: float = 0.0  # cosine: the factor the rate decays towards
+    step_rounds: int = 1  # step: rounds between two decays
+    step_gamma: float = 0.5  # step: factor of each decay
+
+
+@dataclass
+class ServerSettings:
+    """The server update after aggregation (Reddi et al., 2021), mirroring ``configs/server/*.yaml``.
+
+    ``fedavg`` with ``lr`` 1 replaces the global state by the aggregate (no optimizer);
+    otherwise the change (aggregate minus global) is a pseudo-gradient for a torch optimizer
+    (:mod:`ubsmoe.fl.server_optim`). ``tau`` is the adaptivity (eps) of the adaptive ones;
+    ``bias_correction`` switches Adam's / Yogi's bias correction (off in the paper);
+    ``initial_v`` is their second moment's start v_{-1} (0 as in torch and Flower; the
+    paper's analysis takes v_{-1} >= tau^2).
+    """
+
+    optimizer: str = "fedavg"
+    lr: float = 1.0
+    momentum: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    tau: float = 1e-3
+    bias_correction: bool = False
+    initial_v: float = 0.0
+
+    @property
+    def is_default(self) -> bool:
+        """Plain replacement by the aggregate: what every method supports."""
+        return self.optimizer == "fedavg" and self.lr == 1.0
 
 
 @dataclass
@@ -43,7 +84,6 @@ class ModelSettings:
     router_dtype: str | None = "float32"  # native: the trainable router's dtype (None = the weights' dtype)
     gradient_checkpointing: bool = False  # native: recompute each decoder layer in backward (less activation memory)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    optim: OptimSettings = field(default_factory=OptimSettings)
 
 
 @dataclass

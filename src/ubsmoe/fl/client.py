@@ -17,6 +17,7 @@ import torch
 
 from ubsmoe.config import Tier
 from ubsmoe.fl.faults import FaultInjection, InjectedFailure, NonFiniteLoss, inject_bad_shape, inject_nonfinite
+from ubsmoe.fl.schedule import lr_factor
 from ubsmoe.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -155,6 +156,8 @@ def train_client(
     seed: int,
     regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
     faults: FaultInjection | None = None,
+    total_rounds: int | None = None,
+    prox_mu: float = 0.0,
 ) -> ClientUpdate:
     """Local training of one client on the shared module; returns its update.
 
@@ -162,6 +165,10 @@ def train_client(
     ``faults`` injects this client's seeded fault of the round, if any (:mod:`ubsmoe.fl.faults`).
     A non-finite loss stops training with :class:`~ubsmoe.fl.faults.NonFiniteLoss`: the
     client reports the failure instead of sending garbage.
+
+    The module's ``optim_settings`` give the rates, scaled by the round's schedule factor
+    (``total_rounds`` is needed by the cosine schedule), and the gradient clipping;
+    ``prox_mu`` > 0 adds FedProx's proximal term (:func:`proximal_term`) to the loss.
     """
     fault = faults.draw(seed, round_idx, spec.client_id) if faults is not None else None
     load_payload(module, spec, payload)
@@ -170,7 +177,9 @@ def train_client(
     # Dropout and any other in-step randomness depend only on (seed, round, client), so a
     # resumed run, or the same client trained in another order, draws the same numbers.
     torch.manual_seed(derive_seed(seed, "train", round_idx, spec.client_id))
-    optimizer = fabric.setup_optimizers(module.configure_optimizers())
+    settings = module.optim_settings
+    optimizer = fabric.setup_optimizers(module.configure_optimizers(lr_factor(settings, round_idx, total_rounds)))
+    anchor = received_state(module) if prox_mu > 0 else None
     total_loss, steps = 0.0, 0
     for step, batch in enumerate(data.batches(round_idx, num_steps=local_steps, num_epochs=local_epochs)):
         batch = fabric.to_device(batch)
@@ -179,11 +188,15 @@ def train_client(
             loss = module.training_step(batch, step)
             if regularizer is not None:
                 loss = loss + regularizer(module)
+            if anchor is not None:
+                loss = loss + proximal_term(module, anchor, prox_mu)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLoss(f"client {spec.client_id}: local loss {value} at step {step}; training stopped")
         fabric.backward(loss)
-        module.on_after_backward()
+        module.on_after_backward()  # PG's additions first: the clipping bounds the gradient really applied
+        if settings.grad_clip is not None:
+            fabric.clip_gradients(module, optimizer, max_norm=float(settings.grad_clip), error_if_nonfinite=False)
         optimizer.step()
         total_loss += value
         steps += 1
@@ -209,6 +222,22 @@ def train_client(
         elif fault == "straggler":
             update.simulated_delay = faults.straggler_delay
     return update
+
+
+def received_state(module: torch.nn.Module) -> Tensors:
+    """The trainable tensors as loaded from the payload (detached copies, on the module's device).
+
+    Read from the module right after :func:`load_payload`, so a rank-truncated payload is
+    the anchor exactly as the client trains it (components beyond r_c zero in both).
+    """
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def proximal_term(module: torch.nn.Module, anchor: Tensors, mu: float) -> torch.Tensor:
+    """FedProx (Li et al., 2020): mu / 2 * sum over trainable tensors of ||theta - theta_global||^2."""
+    params = dict(module.named_parameters())
+    total = sum(((params[n] - a) ** 2).sum() for n, a in anchor.items())
+    return 0.5 * mu * total
 
 
 def load_payload(module: FederatedClassifier, spec: ClientSpec, payload: ClientPayload) -> None:

@@ -9,6 +9,8 @@ One round, as DESIGN.md section 2 lays it out:
    failed, timed-out, non-finite or malformed ones are dropped and logged to ``faults.jsonl``;
 3. the strategy aggregates the good updates into the server state (with fewer than
    ``federation.min_replies`` of them the round is skipped: state, phi and PG defaults stay);
+   and the server optimizer (:mod:`~ubsmoe.fl.server_optim`; plain replacement by default)
+   steps on the change;
 4. ``fabric.call("on_aggregate_end")``: the DMR callback updates phi;
 5. every ``eval_every`` rounds (and the last) the global model is evaluated once per tier;
 6. ``fabric.call("on_round_end")``: metrics files, console table, W&B expert statistics;
@@ -37,6 +39,7 @@ from ubsmoe.fl.checkpoint import CHECKPOINT_DIR, CheckpointStore, SignalGuard, p
 from ubsmoe.fl.client import ClientSpec, load_payload
 from ubsmoe.fl.faults import DroppedClient, FaultLog, FaultPolicy
 from ubsmoe.fl.server import ClientSampler, ServerState, aggregate_utilization, owning_layer
+from ubsmoe.fl.server_optim import ServerOptimizer
 from ubsmoe.fl.strategies.base import Strategy
 from ubsmoe.fl.summary import RoundSummary, TierEvaluation
 from ubsmoe.fl.validation import screen_results
@@ -74,6 +77,8 @@ class FederatedLoop:
         progress: bool = True,
         faults: FaultPolicy | None = None,
         checkpoint_keep: int = 2,
+        server_optimizer: ServerOptimizer | None = None,
+        prox_mu: float = 0.0,
     ) -> None:
         self.fabric = fabric
         self.module = module
@@ -98,6 +103,8 @@ class FederatedLoop:
         self.fault_log = FaultLog(self.output_dir)
         self.checkpoints = CheckpointStore(self.output_dir / CHECKPOINT_DIR, keep=checkpoint_keep)
         self.last_checkpoint: Path | None = None
+        self.server_optimizer = server_optimizer or ServerOptimizer()
+        self.prox_mu = float(prox_mu)  # FedProx's mu, passed to every client's training
         self.server = ServerState(round=0, global_state=module.trainable_state(), pg_defaults=module.pg_defaults())
         self.elapsed_before = 0.0  # wall time of the rounds run before a resume
         self.eval_lengths = self._eval_lengths()
@@ -193,7 +200,9 @@ class FederatedLoop:
         skipped = len(updates) < self.faults.min_replies
         self._report_faults(bar, round_idx + 1, len(jobs), dropped, skipped)
         if not skipped:
+            before = self.server.global_state
             self.strategy.aggregate(self.server, updates)
+            self.server_optimizer.step(before, self.server)
             self.server.utilization = aggregate_utilization(updates)
             self.fabric.call("on_aggregate_end", loop=self, round_idx=round_idx, updates=updates)
         self.server.round = round_idx + 1
@@ -341,6 +350,7 @@ class FederatedLoop:
             "strategy": self.strategy.state_dict(),
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self._stateful_callbacks()},
             "faults": self.fault_log.state_dict(),
+            "server_optimizer": self.server_optimizer.state_dict(),
             "last_evaluation": (
                 None
                 if self.last_evaluation is None
@@ -369,6 +379,7 @@ class FederatedLoop:
         self.server = ServerState.from_state_dict(state["server"])
         self.sampler.load_state_dict(state["sampler"])
         self.strategy.load_state_dict(state["strategy"])
+        self.server_optimizer.load_state_dict(state.get("server_optimizer", {}))
         for cb in self._stateful_callbacks():
             if hasattr(cb, "load_state_dict") and type(cb).__name__ in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][type(cb).__name__])

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ubsmoe.config import Tier
+from ubsmoe.config import Tier, optim_settings
 from ubsmoe.settings import MethodSettings, ModelSettings
 
 
@@ -94,6 +94,7 @@ class GlueKind(RunKind):
             main_metric=task.main_metric,
             num_tiers=len(tiers),
             init_seed=init_seed,
+            optim=optim_settings(cfg),
         )
 
 
@@ -161,7 +162,7 @@ class CommonsenseKind(RunKind):
         )
         return FederatedModel(
             adapter=build_adapter(model.adapter), task=task, model=model, method=method,
-            num_tiers=len(tiers), init_seed=init_seed,
+            num_tiers=len(tiers), init_seed=init_seed, optim=optim_settings(cfg),
         )  # fmt: skip
 
 

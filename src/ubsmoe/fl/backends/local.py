@@ -43,6 +43,8 @@ class LocalBackend(ClientBackend):
                     seed=loop.seed,
                     regularizer=loop.strategy.client_regularizer(job.spec),
                     faults=policy.injection if policy is not None else None,
+                    total_rounds=loop.rounds,
+                    prox_mu=loop.prox_mu,
                 )
             except Exception as err:  # noqa: BLE001 - any client failure is reported, never fatal to the round
                 result = ClientResult(job.client_id, None, error=f"{type(err).__name__}: {err}")

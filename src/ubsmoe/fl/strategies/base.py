@@ -24,6 +24,10 @@ class Strategy(ABC):
     """Base class of every federated method."""
 
     name: str = "base"
+    # True when the new global state is an average of the clients' states, so that its
+    # change is a pseudo-gradient a server optimizer may apply (ubsmoe.fl.server_optim).
+    # Opt-in: a method that merges or re-factorises keeps plain replacement.
+    supports_server_optimizer: bool = False
 
     def client_spec(self, spec: ClientSpec) -> ClientSpec:
         """The compute shape a client trains with this round (HetLoRA lowers r_c after self-pruning)."""

@@ -11,6 +11,7 @@ class FedAvg(Strategy):
     """w_c = n_c / sum n; every tensor is the weighted mean of the clients' tensors."""
 
     name = "fedavg"
+    supports_server_optimizer = True
 
     def aggregate(self, server: ServerState, updates: list[ClientUpdate]) -> None:
         weights = example_weights(updates)

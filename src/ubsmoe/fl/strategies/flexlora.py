@@ -79,6 +79,9 @@ class FlexLoRA(LoraRankStrategy):
     """Aggregate the full update dW, hand each client the top-r_c SVD factors of it."""
 
     name = "flexlora"
+    # The global pair is the SVD factorisation of the aggregated product, not a mean of the
+    # clients' factors: their difference to the previous factors is no pseudo-gradient.
+    supports_server_optimizer = False
 
     def __init__(self, *, scaling: float = 1.0, lora_scaling: str = "max_rank") -> None:
         if not scaling > 0:

@@ -101,6 +101,9 @@ class FLoRA(LoraRankStrategy):
     """
 
     name = "flora"
+    # The aggregate is merged into the frozen weights and the pair restarts from a fresh
+    # init every round: there is no averaged state whose change a server optimizer could step.
+    supports_server_optimizer = False
 
     def __init__(self, *, scaling: float, seed: int, lora_scaling: str = "max_rank", init: str = "shared") -> None:
         if not scaling > 0:

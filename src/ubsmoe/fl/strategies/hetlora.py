@@ -137,6 +137,7 @@ class HetLoRA(LoraRankStrategy):
     """
 
     name = "hetlora"
+    supports_server_optimizer = True  # A and B are (sparsity-)weighted means of the padded factors
 
     def __init__(self, *, gamma: float | None = None, strength: float = 0.0) -> None:
         if gamma is not None:

@@ -29,6 +29,7 @@ class SparseMoEStrategy(Strategy):
     """FedAvg with activation-aware expert weights (exponent ``t``) and activation-weighted PG defaults."""
 
     name = "sparse_moe"
+    supports_server_optimizer = True  # weighted means (phi is left to DMR by the loop)
 
     def __init__(self, expert_tensor_names: list[str], exponent: float = 0.0) -> None:
         self.expert_tensor_names = set(expert_tensor_names)
