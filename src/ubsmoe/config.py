@@ -202,6 +202,8 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_float(cfg, "federation.dirichlet_alpha", 0.0, low_open=True)
     _require_int(cfg, "federation.min_client_size", 1)
     _require_int(cfg, "federation.eval_every", 1)
+    if _get(cfg, "federation.round_timeout") is not None:
+        _require_float(cfg, "federation.round_timeout", 0.0, low_open=True)
 
     _require_choice(cfg, "logger.name", LOGGERS)
     if _get(cfg, "logger.name") == "wandb":
@@ -209,7 +211,7 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_choice(cfg, "fabric.accelerator", ACCELERATORS)
     from ubsmoe.fl.backends import BACKENDS
 
-    _require_choice(cfg, "backend.name", tuple(BACKENDS))
+    BACKENDS[_require_choice(cfg, "backend.name", tuple(BACKENDS))].check_config(cfg)  # each checks its own keys
     for key in ("dmr", "expert_stats", "metrics_writer", "checkpoint"):
         _require_bool(cfg, f"callbacks.{key}")
 

@@ -20,7 +20,7 @@ from ubsmoe.config import method_settings, model_settings, validate
 from ubsmoe.data.datamodule import build_federated_data
 from ubsmoe.data.glue import build_metrics, get_task, resolve_local_dir
 from ubsmoe.data.report import partition_report
-from ubsmoe.fl.backends import build_backend
+from ubsmoe.fl.backends import ClientBackend, build_backend
 from ubsmoe.fl.checkpoint import check_fingerprint, load_checkpoint, resolve_resume
 from ubsmoe.fl.client import make_client_specs, make_tier_specs
 from ubsmoe.fl.loop import FederatedLoop
@@ -97,24 +97,9 @@ def build_callbacks(cfg: DictConfig, module: Any, output_dir: Path) -> list[Any]
     return callbacks
 
 
-def run_experiment(cfg: DictConfig) -> float | None:
-    """Validate, build and run; return the mean over tiers of the task's main metric (last evaluation)."""
-    console = Console()
-    tiers = validate(cfg)
-    task = get_task(cfg.data.task)
-    model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
-    output_dir = output_dir_of(cfg)
-    resume_path = resolve_resume(cfg.resume, output_dir)
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
-    fingerprint = run_fingerprint(cfg)
-    if checkpoint is not None:
-        check_fingerprint(checkpoint["fingerprint"], fingerprint, resume_path)
-
-    from ubsmoe.model import FederatedClassifier, check_model, resolve_backbone_path
-
-    check_model(model_cfg, method_cfg, task.num_labels, len(tiers))
-    backbone_path = resolve_backbone_path(model_cfg.backbone)
-    data = build_federated_data(
+def build_data(cfg: DictConfig, backbone_path: str) -> Any:
+    """The federated data of a run (tokenized, partitioned): the runner's and every Flower worker's."""
+    return build_federated_data(
         task=cfg.data.task,
         local_dir=cfg.data.local_dir,
         tokenizer_path=backbone_path,
@@ -131,25 +116,91 @@ def run_experiment(cfg: DictConfig) -> float | None:
         regression_buckets=cfg.data.regression_buckets,
         cache_dir=str(cfg.paths.cache_dir),
     )
+
+
+def build_module(cfg: DictConfig, num_tiers: int) -> Any:
+    """The model of a run, initialised from ``derive_seed(seed, "init")``: equal in every process."""
+    from ubsmoe.model import FederatedClassifier
+
+    task = get_task(cfg.data.task)
+    return FederatedClassifier(
+        model=model_settings(cfg),
+        method=method_settings(cfg),
+        num_labels=task.num_labels,
+        metrics=build_metrics(task),
+        num_tiers=num_tiers,
+        init_seed=derive_seed(cfg.seed, "init"),
+    )
+
+
+def build_run_strategy(cfg: DictConfig, module: Any) -> Any:
+    """The method's strategy for a run (the server's; a Flower worker uses its client-side hooks)."""
+    model_cfg = model_settings(cfg)
+    return build_strategy(
+        method_settings(cfg),
+        StrategyContext(
+            expert_tensor_names=module.expert_tensor_names(),
+            lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
+            seed=derive_seed(cfg.seed, "strategy"),
+        ),
+    )
+
+
+def run_experiment(cfg: DictConfig, backend: ClientBackend | None = None) -> float | None:
+    """Validate, build and run; return the mean over tiers of the task's main metric (last evaluation).
+
+    ``backend`` is the one a host already built (a Flower ServerApp hands in its Grid's);
+    by default the ``backend`` group's. The backend's :meth:`~ClientBackend.launch` hosts
+    the training: the local backend runs it here, the Flower backend inside a ServerApp.
+    """
+    console = Console()
+    tiers = validate(cfg)
+    task = get_task(cfg.data.task)
+    model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
+    output_dir = output_dir_of(cfg)
+    resume_path = resolve_resume(cfg.resume, output_dir)
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    fingerprint = run_fingerprint(cfg)
+    if checkpoint is not None:
+        check_fingerprint(checkpoint["fingerprint"], fingerprint, resume_path)
+
+    from ubsmoe.model import check_model, resolve_backbone_path
+
+    check_model(model_cfg, method_cfg, task.num_labels, len(tiers))
+    if backend is None:
+        backend = build_backend(**OmegaConf.to_container(cfg.backend, resolve=True))
+    backbone_path = resolve_backbone_path(model_cfg.backbone)
+    data = build_data(cfg, backbone_path)
     output_dir.mkdir(parents=True, exist_ok=True)
     console.rule(f"[bold]{cfg.run_name}[/bold] -> {output_dir}")
     console.print(OmegaConf.to_yaml(cfg, resolve=True))
     partition_report(data.label_counts, data.label_names, output_dir, console=console)
     if cfg.dry_run:
         return None
+    run_backend = backend
+    return run_backend.launch(
+        cfg, lambda: _train(cfg, tiers, data, output_dir, fingerprint, checkpoint, resume_path, run_backend, console)
+    )
 
+
+def _train(
+    cfg: DictConfig,
+    tiers: list[Any],
+    data: Any,
+    output_dir: Path,
+    fingerprint: dict[str, Any],
+    checkpoint: dict[str, Any] | None,
+    resume_path: Path | None,
+    backend: ClientBackend,
+    console: Console,
+) -> float | None:
+    """Build the module, Fabric and loop, and run the rounds (inside the backend's host)."""
     import lightning as L
 
+    model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
     if cfg.fabric.num_threads:
         torch.set_num_threads(int(cfg.fabric.num_threads))
-    module = FederatedClassifier(
-        model=model_cfg,
-        method=method_cfg,
-        num_labels=task.num_labels,
-        metrics=build_metrics(task),
-        num_tiers=len(tiers),
-        init_seed=derive_seed(cfg.seed, "init"),
-    )
+    module = build_module(cfg, len(tiers))
     callbacks = build_callbacks(cfg, module, output_dir)
     fabric = L.Fabric(
         accelerator=cfg.fabric.accelerator,
@@ -172,14 +223,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
         data=data,
         specs=make_client_specs(cfg.federation.num_clients, tier_specs),
         tier_specs=tier_specs,
-        strategy=build_strategy(
-            method_cfg,
-            StrategyContext(
-                expert_tensor_names=module.expert_tensor_names(),
-                lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
-                seed=derive_seed(cfg.seed, "strategy"),
-            ),
-        ),
+        strategy=build_run_strategy(cfg, module),
         sampler=ClientSampler(
             cfg.federation.num_clients, cfg.federation.clients_per_round, derive_seed(cfg.seed, "sampling")
         ),
@@ -192,7 +236,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
         output_dir=output_dir,
         checkpoint=cfg.callbacks.checkpoint,
         fingerprint=fingerprint,
-        backend=build_backend(**OmegaConf.to_container(cfg.backend, resolve=True)),
+        backend=backend,
     )
     if checkpoint is not None:
         loop.load_state_dict(checkpoint)
