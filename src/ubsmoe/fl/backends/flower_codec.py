@@ -192,8 +192,8 @@ def decode_update(content: RecordDict, spec: ClientSpec) -> tuple[ClientUpdate, 
 def encoded_bytes(content: RecordDict) -> int:
     """Bytes of a message content as Flower ships it: every distinct deflated object (records, arrays, chunks).
 
-    Flower splits arrays into content-addressed chunks and sends each distinct chunk
-    once, so repeated blocks (all-zero LoRA B matrices, say) cost less than their size.
+    Flower ships content-addressed objects (records, arrays, 5 MB array chunks) and each
+    distinct object once, so two identical arrays in one message cost one.
     """
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
