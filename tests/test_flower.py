@@ -251,3 +251,27 @@ def test_resume_under_flower_equals_uninterrupted(tmp_path: Path, glue_dir: Path
     _run(tmp_path / "resumed", *flower, "federation.rounds=3", f"resume={tmp_path / 'part'}", **kw)
     assert_same_metrics(tmp_path / "straight", tmp_path / "resumed")
     assert_same_final_state(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_deployment_mode_writes_the_run_config_the_server_app_reads(
+    tmp_path: Path, glue_dir: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomllib
+
+    from flwr.app import Context, RecordDict
+
+    from ubsmoe.fl.backends.flower_server import config_from_context
+
+    out = tmp_path / "run"
+    result = _run(out, *TINY, "backend=flower", "backend.mode=deployment", glue_dir=glue_dir, cache_dir=cache_dir)
+    assert result is None and not (out / "metrics.jsonl").exists()  # nothing trains outside the SuperLink
+    assert "flwr run flower-app" in capsys.readouterr().out
+    run_config = tomllib.loads((out / "flower_run_config.toml").read_text())
+    assert set(run_config) == {"ubsmoe-config"}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    cfg = config_from_context(context)
+    assert cfg.backend.mode == "deployment" and cfg.federation.num_clients == 6
+    assert Path(cfg.paths.output_dir) == out.resolve() and Path(cfg.paths.cache_dir).is_absolute()
+    # the FAB carries no data or model: far below Flower's 10 MB limit
+    fab = sum(p.stat().st_size for p in (ROOT / "flower-app").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    assert fab < 100_000

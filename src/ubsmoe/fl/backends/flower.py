@@ -61,7 +61,7 @@ class FlowerBackend(ClientBackend):
         self.grid = grid
         self.round_timeout: float | None = None
         self.nodes: dict[int, int] = {}  # client id -> node id
-        self.last_bytes: dict[int, tuple[int, int]] = {}  # client id -> Flower-encoded (sent, received) bytes
+        self.last_bytes: dict[int, tuple[int, int]] = {}  # client id -> Flower-encoded (down, up) bytes, last round
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -148,7 +148,34 @@ class FlowerBackend(ClientBackend):
                 results[job.client_id] = ClientResult(
                     job.client_id, None, error=f"client {job.client_id}: no reply within {waited:.1f} s"
                 )
-        return [results[cid] for cid in sorted(results)]
+        ordered = [results[cid] for cid in sorted(results)]
+        self._write_bytes(jobs, ordered)
+        return ordered
+
+    def _write_bytes(self, jobs: list[ClientJob], results: list[ClientResult]) -> None:
+        """``flower_bytes.jsonl``: per client and round, bytes as Flower encodes them vs as the strategy counts them."""
+        import json
+
+        loop = self.loop
+        output_dir = getattr(loop, "output_dir", None)
+        if output_dir is None:
+            return
+        payloads = {job.client_id: job for job in jobs}
+        with (Path(output_dir) / "flower_bytes.jsonl").open("a") as f:
+            for result in results:
+                if not result.ok or result.client_id not in self.last_bytes:
+                    continue
+                job = payloads[result.client_id]
+                down, up = self.last_bytes[result.client_id]
+                record = {
+                    "round": job.round_idx + 1,
+                    "client": result.client_id,
+                    "down_flower": down,
+                    "down_project": loop.strategy.payload_bytes(job.payload, job.spec),
+                    "up_flower": up,
+                    "up_project": loop.strategy.update_bytes(result.update),
+                }
+                f.write(json.dumps(record) + "\n")
 
     def _discover(self, needed: set[int]) -> None:
         """Map clients to nodes: ask every node not yet known which client it is (until ``needed`` are known)."""
