@@ -273,5 +273,6 @@ def test_deployment_mode_writes_the_run_config_the_server_app_reads(
     assert cfg.backend.mode == "deployment" and cfg.federation.num_clients == 6
     assert Path(cfg.paths.output_dir) == out.resolve() and Path(cfg.paths.cache_dir).is_absolute()
     # the FAB carries no data or model: far below Flower's 10 MB limit
-    fab = sum(p.stat().st_size for p in (ROOT / "flower-app").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    files = [p for p in (ROOT / "flower-app").rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    fab = sum(p.stat().st_size for p in files)
     assert fab < 100_000

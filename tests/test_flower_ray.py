@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from pathlib import Path
 
@@ -14,7 +15,13 @@ from ubsmoe.runner import run_experiment
 
 pytestmark = pytest.mark.slow
 
-LOOPBACK = ("127.0.0.1", "::1")
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4-mapped 127.x (``::ffff:127.0.0.1``); never a wildcard."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 class ListenWatch:
@@ -70,7 +77,7 @@ def test_ray_simulation_equals_local_and_stays_on_loopback(tmp_path: Path, glue_
         assert_same_metrics(tmp_path / "local", tmp_path / "ray")
         assert_same_final_state(tmp_path / "local", tmp_path / "ray")
         assert watch.addresses, "the watcher saw no listening socket: Ray did not run?"
-        outward = {a for a in watch.addresses if a[0] not in LOOPBACK}
+        outward = {a for a in watch.addresses if not is_loopback(a[0])}
         assert not outward, f"listening beyond loopback: {outward}"
     finally:
         # Ray is shut down by the simulation; anything it left behind is stopped by pid.

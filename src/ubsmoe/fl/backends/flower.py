@@ -100,7 +100,7 @@ class FlowerBackend(ClientBackend):
         loop = self.loop
         self._discover({job.client_id for job in jobs})
         results: dict[int, ClientResult] = {}
-        messages, job_of = [], {}
+        messages = []
         for job in sorted(jobs, key=lambda j: j.client_id):
             node = self.nodes.get(job.client_id)
             if node is None:
@@ -207,7 +207,8 @@ def host_inprocess(backend: FlowerBackend, cfg: DictConfig, run: Callable[[], T]
     from ubsmoe.fl.backends.flower_client import config_yaml_of, make_client_app
     from ubsmoe.fl.backends.flower_inprocess import InProcessGrid
 
-    nodes = [{"partition-id": cid, "num-partitions": cfg.federation.num_clients} for cid in range(cfg.federation.num_clients)]
+    num_clients = int(cfg.federation.num_clients)
+    nodes = [{"partition-id": cid, "num-partitions": num_clients} for cid in range(num_clients)]
     backend.grid = InProcessGrid(make_client_app(config_yaml_of(cfg)), nodes)
     return run()
 

@@ -114,7 +114,11 @@ def _optional_int(record: ConfigRecord, key: str) -> int | None:
 def decode_job(content: RecordDict) -> DecodedJob:
     """The inverse of :func:`encode_job`."""
     job, dtypes = content.config_records["job"], content.config_records["dtypes"]
-    tier = Tier(name=str(job["tier-name"]), beta=float(job["tier-beta"]), share=float(job["tier-share"]))  # type: ignore[arg-type]
+    tier = Tier(
+        name=str(job["tier-name"]),
+        beta=float(job["tier-beta"]),  # type: ignore[arg-type]
+        share=float(job["tier-share"]),  # type: ignore[arg-type]
+    )
     spec = ClientSpec(
         client_id=int(job["client-id"]),  # type: ignore[arg-type]
         tier=tier,
