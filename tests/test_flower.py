@@ -182,9 +182,11 @@ def test_replies_are_sorted_by_client_id_and_decoded() -> None:
     assert sent > 16 and received > 16
 
 
-def test_a_raising_client_is_an_error_result_naming_it() -> None:
+def test_a_raising_client_is_an_error_result_naming_it(caplog: pytest.LogCaptureFixture) -> None:
     backend = stub_backend(stub_client_app(fail=2), [{"partition-id": c} for c in range(4)])
-    results = backend.train_clients(jobs(0, 2, 3))
+    with caplog.at_level("WARNING", logger="ubsmoe.fl.backends.flower"):
+        results = backend.train_clients(jobs(0, 2, 3))
+    assert "round 4: client 2:" in caplog.text and "injected failure" in caplog.text
     assert [r.client_id for r in results] == [0, 2, 3]
     assert results[0].ok and results[2].ok
     failed = results[1]
@@ -265,7 +267,7 @@ def test_deployment_mode_writes_the_run_config_the_server_app_reads(
     out = tmp_path / "run"
     result = _run(out, *TINY, "backend=flower", "backend.mode=deployment", glue_dir=glue_dir, cache_dir=cache_dir)
     assert result is None and not (out / "metrics.jsonl").exists()  # nothing trains outside the SuperLink
-    assert "flwr run flower-app" in capsys.readouterr().out
+    assert f"flwr run {ROOT / 'flower-app'} <connection> --run-config" in capsys.readouterr().out
     run_config = tomllib.loads((out / "flower_run_config.toml").read_text())
     assert set(run_config) == {"ubsmoe-config"}
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)

@@ -46,6 +46,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for_port(port: int, timeout: float = 90.0) -> None:
+    """Until something accepts connections on 127.0.0.1:port (the SuperLink is up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
 def flower_env(home: Path) -> dict[str, str]:
     return {
         **os.environ,
@@ -91,6 +102,7 @@ def test_loopback_deployment_equals_local(tmp_path: Path, glue_dir: Path, cache_
     try:
         start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
               "--disable-runtime-dependency-installation")  # fmt: skip
+        wait_for_port(port)
         for cid in (0, 1):
             start(f"supernode{cid}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                   "--node-config", f"client-id={cid}", "--host", "127.0.0.1", "--port", str(free_port()))  # fmt: skip

@@ -21,6 +21,7 @@ debugging). Flower is imported only when this backend is used.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from ubsmoe.fl.loop import FederatedLoop
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class FlowerBackend(ClientBackend):
@@ -149,6 +151,9 @@ class FlowerBackend(ClientBackend):
                     job.client_id, None, error=f"client {job.client_id}: no reply within {waited:.1f} s"
                 )
         ordered = [results[cid] for cid in sorted(results)]
+        for result in ordered:
+            if not result.ok:
+                log.warning("round %d: %s", jobs[0].round_idx + 1, result.error)
         self._write_bytes(jobs, ordered)
         return ordered
 
@@ -261,10 +266,11 @@ def host_deployment(backend: FlowerBackend, cfg: DictConfig, run: Callable[[], T
     from ubsmoe.fl.backends.flower_server import write_run_config
 
     path = write_run_config(cfg, Path(cfg.paths.output_dir) / "flower_run_config.toml")
+    app = Path(__file__).resolve().parents[4] / "flower-app"  # the checkout's Flower App folder
     print(
         "backend.mode=deployment: the federation runs on a SuperLink with one SuperNode per data owner.\n"
         f"Run config written to {path}. Start it with:\n"
-        f"  flwr run flower_app <connection> --run-config {path}\n"
+        f"  flwr run {app if app.is_dir() else 'flower-app'} <connection> --run-config {path}\n"
         "(docs/flower.md walks through a two-machine deployment)"
     )
     return None

@@ -36,7 +36,7 @@ def config_from_context(context: Context) -> DictConfig:
     if not text:
         raise RuntimeError(
             f"the run config has no {RUN_CONFIG_KEY!r}: start the run with "
-            "`flwr run flower_app <connection> --run-config <run dir>/flower_run_config.toml` (docs/flower.md)"
+            "`flwr run flower-app <connection> --run-config <run dir>/flower_run_config.toml` (docs/flower.md)"
         )
     cfg = OmegaConf.create(text)
     assert isinstance(cfg, DictConfig)
