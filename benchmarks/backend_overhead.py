@@ -78,6 +78,9 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "experiment": common,
         "workers": args.workers,
+        # torch threads of the local run and of the server process; each Ray worker gets its client_cpus (1)
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (torch default)"),
+        "load_average_at_start": os.getloadavg(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
@@ -126,6 +129,7 @@ def main() -> None:
                 "up_ratio": round(per["up_flower"] / per["up_project"], 4),
                 "samples": len(traffic),
             }
+    results["load_average_at_end"] = os.getloadavg()
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

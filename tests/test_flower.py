@@ -199,6 +199,7 @@ def test_a_reply_missing_at_the_round_timeout_is_an_error_result() -> None:
     results = backend.train_clients(jobs(0, 3))
     assert results[0].ok
     assert not results[1].ok and "client 3" in results[1].error and "no reply" in results[1].error
+    assert 3 not in backend.nodes and 0 in backend.nodes  # the silent client's node is asked again next round
 
 
 def test_deployment_nodes_are_found_by_their_client_id() -> None:

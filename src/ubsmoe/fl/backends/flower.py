@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+QUERY_TIMEOUT = 30.0  # seconds a node gets to say which client it is (a deployed ClientApp starts a process)
 
 
 class FlowerBackend(ClientBackend):
@@ -150,6 +151,7 @@ class FlowerBackend(ClientBackend):
                 results[job.client_id] = ClientResult(
                     job.client_id, None, error=f"client {job.client_id}: no reply within {waited:.1f} s"
                 )
+                self.nodes.pop(job.client_id, None)  # ask again next time: its SuperNode may have restarted
         ordered = [results[cid] for cid in sorted(results)]
         for result in ordered:
             if not result.ok:
@@ -194,7 +196,8 @@ class FlowerBackend(ClientBackend):
             new = [n for n in self.grid.get_node_ids() if n not in known]
             if new:
                 queries = [Message(RecordDict(), dst_node_id=n, message_type=QUERY, group_id="discover") for n in new]
-                for reply in self.grid.send_and_receive(queries, timeout=self.round_timeout):
+                # bounded even without a round timeout: a node that went away must not hang the round
+                for reply in self.grid.send_and_receive(queries, timeout=max(self.node_wait, QUERY_TIMEOUT)):
                     if reply.has_error():
                         continue
                     node = reply.metadata.src_node_id
