@@ -45,13 +45,14 @@ def require_flwr() -> None:
 def prepare_flower_env(home: Path | str | None = None) -> Path:
     """Quiet, loopback-only defaults and a ``FLWR_HOME`` of our own; returns that home.
 
-    ``home`` is used when ``FLWR_HOME`` is not set already (a run directory, or a fresh
-    temporary directory so nothing lands in the user's ``~/.flwr``).
+    ``home`` is used when ``FLWR_HOME`` is not set already (a run directory; by default a
+    per-user directory under the system temp dir, so nothing lands in the user's ``~/.flwr``).
     """
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if "FLWR_HOME" not in os.environ:
-        path = Path(home) if home is not None else Path(tempfile.mkdtemp(prefix="ubsmoe-flwr-"))
+        # one per user in the temp directory, reused (not a new directory per process)
+        path = Path(home) if home is not None else Path(tempfile.gettempdir()) / f"ubsmoe-flwr-{os.getuid()}"
         path.mkdir(parents=True, exist_ok=True)
         os.environ["FLWR_HOME"] = str(path)
     return Path(os.environ["FLWR_HOME"])
