@@ -34,6 +34,7 @@ test: $(STAMP) ## the whole test suite (offline; uses the carried data/)
 bench: $(STAMP) ## speed and compute benchmarks, JSON into logs/bench/
 	$(PY) benchmarks/smoe_speed.py
 	$(PY) benchmarks/round_overhead.py
+	$(PY) benchmarks/backend_overhead.py
 
 compare: $(STAMP) ## every method on the same split, one table per tier (experiment=compare)
 	$(PY) -m ubsmoe.compare $(ARGS)

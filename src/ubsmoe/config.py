@@ -300,7 +300,7 @@ def validate(cfg: DictConfig) -> list[Tier]:
         raise ConfigError("fabric.precision", _get(cfg, "fabric.precision"), f"one of {', '.join(PRECISIONS)}")
     from ubsmoe.fl.backends import BACKENDS
 
-    _require_choice(cfg, "backend.name", tuple(BACKENDS))
+    BACKENDS[_require_choice(cfg, "backend.name", tuple(BACKENDS))].check_config(cfg)  # each checks its own keys
     for key in ("dmr", "expert_stats", "metrics_writer", "checkpoint"):
         _require_bool(cfg, f"callbacks.{key}")
     _require_int(cfg, "checkpoint.keep", 1)

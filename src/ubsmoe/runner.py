@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ubsmoe.config import fault_policy, method_settings, model_settings, optim_settings, server_settings, validate
 from ubsmoe.console import RunConsole
 from ubsmoe.data.report import partition_report
-from ubsmoe.fl.backends import build_backend
+from ubsmoe.fl.backends import ClientBackend, build_backend
 from ubsmoe.fl.checkpoint import (
     RunInterrupted,
     check_fingerprint,
@@ -162,8 +162,40 @@ def build_callbacks(cfg: DictConfig, module: Any, output_dir: Path, console: Run
     return callbacks
 
 
-def run_experiment(cfg: DictConfig) -> float | None:
-    """Validate, build and run; return the mean over tiers of the task's main metric (last evaluation)."""
+def build_data(cfg: DictConfig) -> Any:
+    """The federated data of a run (checked, tokenized, partitioned): the runner's and every Flower worker's."""
+    tiers = validate(cfg)
+    kind = build_run_kind(cfg)
+    kind.check(cfg, model_settings(cfg), method_settings(cfg), tiers)
+    return kind.data(cfg, model_settings(cfg))
+
+
+def build_module(cfg: DictConfig, tiers: list[Any]) -> Any:
+    """The model of a run, initialised from ``derive_seed(seed, "init")``: equal in every process."""
+    kind = build_run_kind(cfg)
+    return kind.module(cfg, model_settings(cfg), method_settings(cfg), tiers, derive_seed(cfg.seed, "init"))
+
+
+def build_run_strategy(cfg: DictConfig, module: Any) -> Any:
+    """The method's strategy for a run (the server's; a Flower worker uses its client-side hooks)."""
+    model_cfg = module.model_settings
+    return build_strategy(
+        method_settings(cfg),
+        StrategyContext(
+            expert_tensor_names=module.expert_tensor_names(),
+            lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
+            seed=derive_seed(cfg.seed, "strategy"),
+        ),
+    )
+
+
+def run_experiment(cfg: DictConfig, backend: ClientBackend | None = None) -> float | None:
+    """Validate, build and run; return the mean over tiers of the task's main metric (last evaluation).
+
+    ``backend`` is the one a host already built (a Flower ServerApp hands in its Grid's);
+    by default the ``backend`` group's. The backend's :meth:`~ClientBackend.launch` hosts
+    the training: the local backend runs it here, the Flower backend inside a ServerApp.
+    """
     console = RunConsole()
     tiers = validate(cfg)
     kind = build_run_kind(cfg)
@@ -176,6 +208,8 @@ def run_experiment(cfg: DictConfig) -> float | None:
         check_fingerprint(checkpoint["fingerprint"], fingerprint, resume_path)
 
     kind.check(cfg, model_cfg, method_cfg, tiers)
+    if backend is None:
+        backend = build_backend(**OmegaConf.to_container(cfg.backend, resolve=True))
     data = kind.data(cfg, model_cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     console.log_to(output_dir / "train.log")
@@ -185,12 +219,30 @@ def run_experiment(cfg: DictConfig) -> float | None:
     partition_report(data.label_counts, data.label_names, output_dir, console=console)
     if cfg.dry_run:
         return None
+    run_backend = backend
+    return run_backend.launch(
+        cfg, lambda: _train(cfg, tiers, data, output_dir, fingerprint, checkpoint, resume_path, run_backend, console)
+    )
 
+
+def _train(
+    cfg: DictConfig,
+    tiers: list[Any],
+    data: Any,
+    output_dir: Path,
+    fingerprint: dict[str, Any],
+    checkpoint: dict[str, Any] | None,
+    resume_path: Path | None,
+    backend: ClientBackend,
+    console: RunConsole,
+) -> float | None:
+    """Build the module, Fabric and loop, and run the rounds (inside the backend's host)."""
     import lightning as L
 
+    model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
     if cfg.fabric.num_threads:
         torch.set_num_threads(int(cfg.fabric.num_threads))
-    module = kind.module(cfg, model_cfg, method_cfg, tiers, derive_seed(cfg.seed, "init"))
+    module = build_module(cfg, tiers)
     callbacks = build_callbacks(cfg, module, output_dir, console)
     fabric = L.Fabric(
         accelerator=cfg.fabric.accelerator,
@@ -201,14 +253,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     )
     fabric.setup_module(module)
     tier_specs = run_tier_specs(tiers, module)
-    strategy = build_strategy(
-        method_cfg,
-        StrategyContext(
-            expert_tensor_names=module.expert_tensor_names(),
-            lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
-            seed=derive_seed(cfg.seed, "strategy"),
-        ),
-    )
+    strategy = build_run_strategy(cfg, module)
     loop = FederatedLoop(
         fabric=fabric,
         module=module,
@@ -228,7 +273,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
         output_dir=output_dir,
         checkpoint=cfg.callbacks.checkpoint,
         fingerprint=fingerprint,
-        backend=build_backend(**OmegaConf.to_container(cfg.backend, resolve=True)),
+        backend=backend,
         faults=fault_policy(cfg),
         checkpoint_keep=cfg.checkpoint.keep,
         # DMR's phi keeps its own server update; PG defaults live outside the global state.

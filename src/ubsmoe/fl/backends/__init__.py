@@ -10,10 +10,12 @@ depend on where or in which order the clients ran.
 from __future__ import annotations
 
 from ubsmoe.fl.backends.base import ClientBackend, ClientJob, ClientResult
+from ubsmoe.fl.backends.flower import FlowerBackend
 from ubsmoe.fl.backends.local import LocalBackend
 
 # ``backend.name`` -> the class that runs it (the allowed names derive from this registry).
-BACKENDS: dict[str, type[ClientBackend]] = {"local": LocalBackend}
+# ``flower`` imports Flower only when built (the core install has no flwr).
+BACKENDS: dict[str, type[ClientBackend]] = {"local": LocalBackend, "flower": FlowerBackend}
 
 
 def build_backend(name: str, **options: object) -> ClientBackend:
@@ -21,4 +23,4 @@ def build_backend(name: str, **options: object) -> ClientBackend:
     return BACKENDS[name](**options)
 
 
-__all__ = ["BACKENDS", "ClientBackend", "ClientJob", "ClientResult", "LocalBackend", "build_backend"]
+__all__ = ["BACKENDS", "ClientBackend", "ClientJob", "ClientResult", "FlowerBackend", "LocalBackend", "build_backend"]

@@ -5,12 +5,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from ubsmoe.fl.loop import FederatedLoop
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,16 @@ class ClientBackend(ABC):
     """Trains the sampled clients of a round. ``start`` is called once with the loop, ``close`` at the end."""
 
     name: str = "base"
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Check this backend's keys of the composed config (called by ``config.validate``)."""
+        del cfg
+
+    def launch(self, cfg: DictConfig, run: Callable[[], T]) -> T:
+        """Host the run: by default call ``run`` here; a backend that needs a host (a Flower ServerApp) wraps it."""
+        del cfg
+        return run()
 
     def start(self, loop: FederatedLoop) -> None:
         """Bind to the loop (module, data, strategy, budgets); called once before the first round."""
