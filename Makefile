@@ -35,6 +35,8 @@ bench: $(STAMP) ## speed and compute benchmarks, JSON into logs/bench/
 	$(PY) benchmarks/smoe_speed.py
 	$(PY) benchmarks/round_overhead.py
 	$(PY) benchmarks/backend_overhead.py
+	$(PY) benchmarks/native_moe_speed.py
+	$(PY) benchmarks/soak.py
 
 compare: $(STAMP) ## every method on the same split, one table per tier (experiment=compare)
 	$(PY) -m ubsmoe.compare $(ARGS)
