@@ -50,7 +50,9 @@ def assert_same_metrics(run_a: Path, run_b: Path) -> None:
 
 
 def final_server_state(run: Path) -> dict:
-    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["server"]
+    from ubsmoe.fl.checkpoint import CHECKPOINT_FILE, load_checkpoint
+
+    return load_checkpoint(run / CHECKPOINT_FILE)["server"]  # checksum-verified, weights_only
 
 
 def assert_same_final_state(run_a: Path, run_b: Path) -> None:

@@ -154,7 +154,7 @@ def fake_loop(policy: FaultPolicy) -> SimpleNamespace:
     strategy = SimpleNamespace(client_regularizer=lambda spec: None)
     data = SimpleNamespace(clients={c: None for c in range(10)})
     return SimpleNamespace(fabric=None, module=None, data=data, strategy=strategy, seed=0, local_steps=1,
-                           local_epochs=None, faults=policy)  # fmt: skip
+                           local_epochs=None, faults=policy, rounds=1, prox_mu=0.0)  # fmt: skip
 
 
 def test_local_backend_turns_exceptions_and_late_stragglers_into_results(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -309,7 +309,7 @@ def test_state_dict_round_trip_continues_exactly() -> None:
     buffer = io.BytesIO()
     torch.save({"server_optimizer": opt.state_dict(), "global": server.global_state}, buffer)
     buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
+    saved = torch.load(buffer, weights_only=True)  # what checkpoints allow: tensors and plain containers
     resumed = ServerOptimizer(settings)
     resumed.load_state_dict(saved["server_optimizer"])
     server = ServerState(round=2, global_state=saved["global"])
@@ -407,7 +407,9 @@ def test_fedadam_resume_equals_straight_on_the_smoke_path(tmp_path: Path, glue_d
 
     run("straight", "federation.rounds=2")
     run("part", "federation.rounds=1")
-    saved = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=False)
+    from ubsmoe.fl.checkpoint import CHECKPOINT_FILE, load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "part" / CHECKPOINT_FILE)  # verified, weights_only
     moments = saved["server_optimizer"]["optimizer"]["state"]
     assert moments and all(float(s["exp_avg_sq"].abs().sum()) > 0 for s in moments.values())
     run("resumed", "federation.rounds=2", f"resume={tmp_path / 'part'}")
