@@ -562,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for d in args.run_dirs:
         path = d / METRICS_FILE
         if not path.is_file() or not path.read_text().strip():
-            print(f"warning: skipping {d}: no {METRICS_FILE} with rounds (a failed or dry run?)", file=sys.stderr)
+            print(f"warning: skipping {d}: {path} is missing or has no rounds (a failed or dry run?)", file=sys.stderr)
             continue
         usable.append(d)
     if not usable:
