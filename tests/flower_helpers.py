@@ -17,6 +17,9 @@ TINY = (
     "data.max_train_examples=240",
     "data.max_eval_examples=32",
     "logger=none",
+    # one torch thread everywhere: a Ray worker or a SuperNode process trains with one, and
+    # float32 sums in another order can flip a near-tie in top-K routing (then the runs part)
+    "fabric.num_threads=1",
 )
 
 

@@ -37,6 +37,7 @@ DEPLOYED = (
     "federation.min_client_size=8",
     "data.max_train_examples=120",
     "data.max_eval_examples=32",
+    "fabric.num_threads=1",  # as a SuperNode's process trains: the same float32 sums, the same routing
 )
 
 
