@@ -22,6 +22,7 @@ from ubsmoe.settings import (
     LoraSettings,
     MethodSettings,
     ModelSettings,
+    MoefySettings,
     OptimSettings,
     PGSettings,
     SelfPruningSettings,
@@ -30,7 +31,8 @@ from ubsmoe.settings import (
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 POOLINGS = ("mean", "cls")
-ROUTER_INITS = ("centroid", "zeros")
+ROUTER_INITS = ("centroid", "zeros", "fitted")
+MOEFY_METHODS = ("weights", "coactivation")
 PARTITIONS = ("dirichlet", "iid")
 ACCELERATORS = ("cpu", "cuda", "mps", "auto")
 
@@ -162,6 +164,10 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _require_int(cfg, "model.num_experts", 1)
     _require_choice(cfg, "model.pooling", POOLINGS)
     _require_choice(cfg, "model.router_init", ROUTER_INITS)
+    if OmegaConf.select(cfg, "model.moefy") is not None:
+        _require_choice(cfg, "model.moefy.method", MOEFY_METHODS)
+        _require_bool(cfg, "model.moefy.skip_defaults")
+        _require_int(cfg, "model.moefy.calibration_examples", 1)
     if _get(cfg, "model.dropout") is not None:
         _require_float(cfg, "model.dropout", 0.0, 1.0, high_open=True)
     if not isinstance(_get(cfg, "model.backbone"), str) or not _get(cfg, "model.backbone"):
@@ -235,6 +241,7 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
         dropout=raw.get("dropout"),
         lora=LoraSettings(**raw["lora"]),
         optim=OptimSettings(**raw["optim"]),
+        moefy=MoefySettings(**raw.get("moefy", {})),
     )
 
 

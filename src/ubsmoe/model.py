@@ -30,7 +30,7 @@ from ubsmoe.settings import MethodSettings, ModelSettings
 from ubsmoe.smoe.flops import EncoderDims, flops_per_example, measure_flops
 from ubsmoe.smoe.layer import MoEOptions, SparseMoE
 from ubsmoe.smoe.lora import RankLimiter, attention_target_names, ffn_target_names, inject_peft_lora
-from ubsmoe.smoe.moefy import ROUTER_INITS, check_backbone_config, moefy
+from ubsmoe.smoe.moefy import ROUTER_INITS, check_backbone_config, check_moefy_args, moefy
 from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, pseudo_gradient_coefficients
 from ubsmoe.smoe.routing import range_penalty
 
@@ -52,6 +52,7 @@ def _check_settings(model: ModelSettings, method: MethodSettings, num_labels: in
         raise ConfigError("model.pooling", model.pooling, f"one of {list(POOLINGS)}")
     if model.router_init not in ROUTER_INITS:
         raise ConfigError("model.router_init", model.router_init, f"one of {list(ROUTER_INITS)}")
+    check_moefy_args(model.moefy.method, model.router_init)
     if model.dropout is not None and not 0.0 <= float(model.dropout) < 1.0:
         raise ConfigError("model.dropout", model.dropout, "null (keep the backbone's) or a number in [0, 1)")
     if not isinstance(model.lora.rank, int) or model.lora.rank < 1:
@@ -120,7 +121,11 @@ class FederatedClassifier(lightning.LightningModule):
         metrics: torchmetrics.MetricCollection,
         num_tiers: int,
         init_seed: int,
+        calibration: list[dict[str, torch.Tensor]] | None = None,
+        cache_dir: str | None = None,
     ) -> None:
+        """``calibration``: tokenized training batches for a data-driven MoEfication (``model.moefy``),
+        ``cache_dir``: where its result is cached (``None`` = not cached)."""
         super().__init__()
         config = check_model(model, method, num_labels, num_tiers)
         from transformers import AutoModel
@@ -160,6 +165,10 @@ class FederatedClassifier(lightning.LightningModule):
                     router_init=model.router_init,
                     options=options,
                     generator=torch.Generator().manual_seed(derive_seed(init_seed, "moefy")),
+                    method=model.moefy.method,
+                    skip_defaults=model.moefy.skip_defaults,
+                    calibration=calibration,
+                    cache_dir=cache_dir,
                 )
             attention_names = attention_target_names(backbone, list(lora.attention_targets))
             if lora.attention_targets and not attention_names:

@@ -97,6 +97,17 @@ def build_callbacks(cfg: DictConfig, module: Any, output_dir: Path) -> list[Any]
     return callbacks
 
 
+def moefy_calibration(model_cfg: Any, method_cfg: Any, data: Any) -> list[dict[str, torch.Tensor]] | None:
+    """Training batches for a data-driven MoEfication (``model.moefy``), or ``None`` when it needs none."""
+    from ubsmoe.data.calibration import calibration_batches
+    from ubsmoe.smoe.moefy import needs_calibration
+
+    moefy_cfg = model_cfg.moefy
+    if not method_cfg.sparse or not needs_calibration(moefy_cfg.method, model_cfg.router_init, moefy_cfg.skip_defaults):
+        return None
+    return calibration_batches(data.clients, moefy_cfg.calibration_examples)
+
+
 def run_experiment(cfg: DictConfig) -> float | None:
     """Validate, build and run; return the mean over tiers of the task's main metric (last evaluation)."""
     console = Console()
@@ -149,6 +160,8 @@ def run_experiment(cfg: DictConfig) -> float | None:
         metrics=build_metrics(task),
         num_tiers=len(tiers),
         init_seed=derive_seed(cfg.seed, "init"),
+        calibration=moefy_calibration(model_cfg, method_cfg, data),
+        cache_dir=str(cfg.paths.cache_dir),
     )
     callbacks = build_callbacks(cfg, module, output_dir)
     fabric = L.Fabric(

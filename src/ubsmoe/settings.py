@@ -29,15 +29,31 @@ class OptimSettings:
 
 
 @dataclass
+class MoefySettings:
+    """How dense FFNs are cut into experts (``model.moefy``).
+
+    The dataclass defaults are the construction that needs no data (``weights``), so a model
+    can be built from Python without calibration batches; ``configs/model/minilm.yaml``
+    selects the data-driven one (``coactivation``, with ``router_init: fitted``), which
+    keeps the sparse model closer to the dense one (``benchmarks/moefy_quality.py``).
+    """
+
+    method: str = "weights"  # weights | coactivation
+    skip_defaults: bool = False  # add each skipped expert's typical (median) output back
+    calibration_examples: int = 256  # training sentences whose activations are recorded
+
+
+@dataclass
 class ModelSettings:
     name: str = "minilm"
     backbone: str = "minilm"
     pooling: str = "mean"
     num_experts: int = 8
-    router_init: str = "centroid"
+    router_init: str = "centroid"  # centroid | zeros | fitted (needs calibration data)
     dropout: float | None = None  # None keeps the backbone's own hidden/attention dropout
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
+    moefy: MoefySettings = field(default_factory=MoefySettings)
 
 
 @dataclass
