@@ -216,6 +216,9 @@ def validate(cfg: DictConfig) -> list[Tier]:
     from ubsmoe.fl.backends import BACKENDS
 
     _require_choice(cfg, "backend.name", tuple(BACKENDS))
+    if OmegaConf.select(cfg, "diagnostics.every") is not None:
+        _require_int(cfg, "diagnostics.every", 1)
+        _require_int(cfg, "diagnostics.probe_examples", 1)
     for key in ("dmr", "expert_stats", "metrics_writer", "checkpoint"):
         _require_bool(cfg, f"callbacks.{key}")
 
@@ -225,7 +228,16 @@ def validate(cfg: DictConfig) -> list[Tier]:
     if resume is False:
         raise ConfigError("resume", resume, "null, true or a checkpoint path (false is spelled null)")
 
-    return parse_tiers(_get(cfg, "tiers"))
+    tiers = parse_tiers(_get(cfg, "tiers"))
+    if OmegaConf.select(cfg, "federation.centralized", default=False) is not False:
+        _require_bool(cfg, "federation.centralized")
+        names = tuple(t.name for t in tiers)
+        tier = OmegaConf.select(cfg, "federation.tier", default=None)
+        if tier not in names:
+            raise ConfigError("federation.tier", tier, f"the tier a centralized run trains, one of {', '.join(names)}")
+        if steps is None:
+            raise ConfigError("federation.local_steps", steps, "an integer: centralized runs match the local steps")
+    return tiers
 
 
 def model_settings(cfg: DictConfig) -> ModelSettings:

@@ -21,6 +21,7 @@ from ubsmoe.data.datamodule import build_federated_data
 from ubsmoe.data.glue import build_metrics, get_task, resolve_local_dir
 from ubsmoe.data.report import partition_report
 from ubsmoe.fl.backends import build_backend
+from ubsmoe.fl.centralized import centralize
 from ubsmoe.fl.checkpoint import check_fingerprint, load_checkpoint, resolve_resume
 from ubsmoe.fl.client import make_client_specs, make_tier_specs
 from ubsmoe.fl.loop import FederatedLoop
@@ -89,6 +90,12 @@ def build_callbacks(cfg: DictConfig, module: Any, output_dir: Path) -> list[Any]
     callbacks: list[Any] = []
     if cfg.callbacks.dmr:
         callbacks.append(DMRCallback(method_settings(cfg).dmr, module.phi_names()))
+    diagnostics = cfg.get("diagnostics") or {}
+    if diagnostics.get("every"):
+        from ubsmoe.callbacks.grad_bias import GradBiasCallback
+
+        # before the metrics writer: it adds fields to the round's records
+        callbacks.append(GradBiasCallback(diagnostics["every"], diagnostics["probe_examples"]))
     if cfg.callbacks.metrics_writer:
         callbacks.append(MetricsWriter(output_dir, method=cfg.method.name, task=cfg.data.task, seed=cfg.seed))
     if cfg.callbacks.expert_stats:
@@ -112,6 +119,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     """Validate, build and run; return the mean over tiers of the task's main metric (last evaluation)."""
     console = Console()
     tiers = validate(cfg)
+    cfg, tiers = centralize(cfg, tiers)
     task = get_task(cfg.data.task)
     model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
     output_dir = output_dir_of(cfg)

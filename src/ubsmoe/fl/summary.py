@@ -35,6 +35,8 @@ class RoundSummary:
     wall_time: float  # seconds since the start of this (possibly resumed) run, cumulative
     round_seconds: float
     train_eval_seconds: float  # time inside local training and evaluation this round
+    # extra per-tier fields callbacks add for metrics.jsonl (tier name -> {field: value}), e.g. grad_bias
+    tier_extras: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def expert_entropy(utilization: torch.Tensor) -> float:
