@@ -116,3 +116,40 @@ def test_results_on_a_tiny_budget(tmp_path, glue_dir):
         assert f"## tier {tier}" in md
         assert (root / f"accuracy_vs_flops_{tier}.png").stat().st_size > 1000
     assert "| fedit | " in md and "bootstrap interval" in md
+
+
+def test_comparison_table_shows_centralized_rows(tmp_path):
+    from ubsmoe.compare import CENTRALIZED, CENTRALIZED_DENSE, comparison_rows, merge_runs
+
+    def run(name, tiers, value):
+        out = tmp_path / name
+        out.mkdir(parents=True)
+        records = [{"round": 2, "tier": t, "beta": b, "evaluated": True, "main_metric": value + b,
+                    "flops_ratio_to_dense": b} for t, b in tiers]  # fmt: skip
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return out
+
+    tiers = [("t25", 0.25), ("t100", 1.0)]
+    dirs = {"ubsmoe": run("ubsmoe", tiers, 0.5),
+            CENTRALIZED: merge_runs([run("c25", tiers[:1], 0.6), run("c100", tiers[1:], 0.6)], tmp_path / "c"),
+            CENTRALIZED_DENSE: run("dense", tiers[1:], 0.0)}  # fmt: skip
+    names, rows = comparison_rows(dirs)
+    by = {r["method"]: r for r in rows}
+    assert names == ["t25", "t100"]
+    assert by[CENTRALIZED]["t25"] == pytest.approx(0.85) and by[CENTRALIZED]["t100"] == pytest.approx(1.6)
+    assert by[CENTRALIZED_DENSE]["t25"] == by[CENTRALIZED_DENSE]["t100"] == pytest.approx(1.0)
+
+
+def test_grad_bias_figure_draws_pg_off_and_on_per_tier():
+    import pandas as pd
+
+    from ubsmoe import plots
+
+    rows = [{"round": r, "tier": t, "beta": b, "method": "ubsmoe", "main_metric": None, "train_loss": 0.5,
+             "grad_bias": g * r, "grad_bias_pg": 0.8 * g * r, "metrics": None}
+            for r in (1, 2) for t, b, g in (("t25", 0.25, 0.4), ("t100", 1.0, 0.0))]  # fmt: skip
+    fig = plots.grad_bias_figure(pd.DataFrame(rows))
+    assert fig is not None and len([ax for ax in fig.axes if ax.get_visible()]) == 2
+    labels = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
+    assert labels == {"ubsmoe (PG off)": [0.4, 0.8], "ubsmoe (PG on)": pytest.approx([0.32, 0.64])}
+    assert plots.grad_bias_figure(pd.DataFrame(rows).drop(columns=["grad_bias", "grad_bias_pg"])) is None

@@ -31,13 +31,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ubsmoe.compare import last_evaluation
+from ubsmoe.compare import CENTRALIZED_DENSE, TrainingFailed, last_evaluation, run_centralized, train
 from ubsmoe.fl.strategies import METHODS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = "ubsmoe"
-CENTRALIZED = "centralized"  # row of the per-tier centralized bound (method ubsmoe at the tier's K)
-CENTRALIZED_DENSE = "centralized_dense"  # the dense bound (fedit on the pooled data)
 
 
 def bootstrap_ci(differences: np.ndarray, *, level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -169,26 +167,6 @@ def find_runs(root: Path) -> dict[tuple[str, int], Path]:
     return found
 
 
-def _train(overrides: list[str], run_dir: Path) -> None:
-    cmd = [sys.executable, "src/train.py", *overrides, f"paths.output_dir={run_dir}"]
-    print(f"[results] {' '.join(cmd[1:])}", flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=os.environ.copy())
-    if proc.returncode != 0:
-        raise SystemExit(f"[results] failed ({proc.returncode}): {' '.join(cmd[1:])}")
-    print(f"[results] done in {time.perf_counter() - start:.0f} s", flush=True)
-
-
-def _merge_centralized(parts: list[Path], out_dir: Path) -> Path:
-    """One metrics.jsonl from the per-tier centralized runs (each holds only its own tier)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for part in parts:
-        lines += (part / "metrics.jsonl").read_text().splitlines()
-    (out_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    return out_dir
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Every method over seeds; per-tier tables with bootstrap CIs.")
     parser.add_argument("--seeds", default="42,43,44")
@@ -209,21 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root or PROJECT_ROOT / "logs" / "results" / time.strftime("%Y-%m-%d_%H-%M-%S")
     root.mkdir(parents=True, exist_ok=True)
     common = [f"experiment={args.budget}", "logger=csv", *args.overrides]
-    if not args.analyze_only:
-        for seed in seeds:
+    try:
+        for seed in [] if args.analyze_only else seeds:
             for method in methods:
-                _train([*common, f"method={method}", f"seed={seed}"], root / "runs" / method / f"seed{seed}")
+                train([*common, f"method={method}", f"seed={seed}"], root / "runs" / method / f"seed{seed}")
             if args.centralized:
                 tiers = [r["tier"] for r in last_evaluation(root / "runs" / methods[0] / f"seed{seed}")]
-                parts = []
-                for tier in tiers:
-                    part = root / "centralized_parts" / tier / f"seed{seed}"
-                    _train([*common, "method=ubsmoe", f"seed={seed}", "federation=centralized",
-                            f"federation.tier={tier}"], part)  # fmt: skip
-                    parts.append(part)
-                _merge_centralized(parts, root / "runs" / CENTRALIZED / f"seed{seed}")
-                _train([*common, "method=fedit", f"seed={seed}", "federation=centralized", f"federation.tier={tiers[-1]}"],
-                       root / "runs" / CENTRALIZED_DENSE / f"seed{seed}")  # fmt: skip
+                bounds = run_centralized(root / "centralized" / f"seed{seed}", tiers, [*common, f"seed={seed}"], train)
+                for name, run_dir in bounds.items():
+                    target = root / "runs" / name / f"seed{seed}"
+                    target.mkdir(parents=True, exist_ok=True)
+                    (target / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    except TrainingFailed as err:
+        print(f"[results] {err}", file=sys.stderr)
+        return err.returncode
     written = analyze(find_runs(root), root, title=f"Results over seeds {args.seeds} (experiment={args.budget}"
                       + (f", {' '.join(args.overrides)}" if args.overrides else "") + ")")  # fmt: skip
     print(written["md"].read_text())
