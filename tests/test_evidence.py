@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from helpers import PROJECT_ROOT, build, compose_config, make_batch, run_train_cli
 
 from ubsmoe.callbacks.grad_bias import gradient_bias
