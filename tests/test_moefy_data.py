@@ -157,3 +157,27 @@ def test_needs_calibration_and_checks(minilm):
     b = moefy(copy.deepcopy(minilm), num_experts=M, options=OPTIONS, generator=torch.Generator().manual_seed(3),
               method="weights", router_init="centroid")  # fmt: skip
     assert all(torch.equal(a[n].w1, b[n].w1) and b[n].skip_default is None for n in a)
+
+
+def test_model_from_settings_uses_the_data_driven_construction(text):
+    """FederatedClassifier with model.moefy settings: skip defaults in place, FLOPs unchanged (no matmul)."""
+    from helpers import classification_metrics
+
+    from ubsmoe.model import FederatedClassifier
+    from ubsmoe.settings import MethodSettings, ModelSettings, MoefySettings
+
+    calibration, held_out = text
+    settings = ModelSettings(dropout=0.0, router_init="fitted", moefy=MoefySettings(method="coactivation", skip_defaults=True))
+
+    def classifier(batches):
+        return FederatedClassifier(model=settings, method=MethodSettings(sparse=True), num_labels=2,
+                                   metrics=classification_metrics(), num_tiers=4, init_seed=0, calibration=batches)  # fmt: skip
+
+    with pytest.raises(ValueError, match="calibration"):
+        classifier(None)
+    module = classifier(calibration[:1])
+    assert all(b.skip_default is not None for b in module.blocks.values())
+    ids = held_out["input_ids"][:2, :12]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    module.set_client(k=2)
+    assert module.measured_flops_per_example(batch) == pytest.approx(module.flops_per_example(12), rel=1e-6)
