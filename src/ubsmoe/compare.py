@@ -6,7 +6,12 @@ their ``metrics.jsonl`` and writes ``ROOT/comparison.md`` and ``ROOT/comparison.
 row per method, the task's main metric of each tier at the last evaluated round, the
 mean over tiers, and the FLOPs of the weakest tier relative to the dense model.
 
-Usage: python -m ubsmoe.compare [--methods a,b,...] [--root DIR] [HYDRA_OVERRIDE ...]
+With ``--centralized`` the table gets two more rows, the upper bounds: ``centralized``
+(UB-SMoE on the pooled training data with the same examples per round, one run per tier at
+that tier's K: ``federation=centralized``) and ``centralized_dense`` (FedIT on the pooled
+data, the dense model).
+
+Usage: python -m ubsmoe.compare [--methods a,b,...] [--centralized] [--root DIR] [HYDRA_OVERRIDE ...]
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ubsmoe.fl.strategies import METHODS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CENTRALIZED = "centralized"  # UB-SMoE on the pooled data, each tier trained and evaluated at its own K
+CENTRALIZED_DENSE = "centralized_dense"  # FedIT on the pooled data: the dense model
 
 
 def last_evaluation(run_dir: Path) -> list[dict]:
@@ -36,6 +44,32 @@ def last_evaluation(run_dir: Path) -> list[dict]:
     return [r for r in evaluated if r["round"] == last]
 
 
+def merge_runs(parts: list[Path], out_dir: Path) -> Path:
+    """One run directory whose metrics.jsonl holds the records of all ``parts`` (one tier each)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [line for part in parts for line in (part / "metrics.jsonl").read_text().splitlines()]
+    (out_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return out_dir
+
+
+def run_centralized(
+    root: Path, tiers: list[str], overrides: list[str], train: Callable[[list[str], Path], None]
+) -> dict[str, Path]:
+    """The two centralized rows: per-tier UB-SMoE runs merged into ``root/centralized``, and FedIT.
+
+    ``train(overrides, run_dir)`` runs one training; ``overrides`` are the shared ones
+    (experiment, seed, ...). The dense bound is trained as the last tier (FedIT has one shape).
+    """
+    parts = []
+    for tier in tiers:
+        part = root / "centralized_parts" / tier
+        train([*overrides, "method=ubsmoe", "federation=centralized", f"federation.tier={tier}"], part)
+        parts.append(part)
+    dense = root / CENTRALIZED_DENSE
+    train([*overrides, "method=fedit", "federation=centralized", f"federation.tier={tiers[-1]}"], dense)
+    return {CENTRALIZED: merge_runs(parts, root / CENTRALIZED), CENTRALIZED_DENSE: dense}
+
+
 def comparison_rows(run_dirs: dict[str, Path]) -> tuple[list[str], list[dict]]:
     """(tier names, one row per method) from the runs' last evaluations."""
     tiers: list[str] = []
@@ -44,11 +78,14 @@ def comparison_rows(run_dirs: dict[str, Path]) -> tuple[list[str], list[dict]]:
         records = last_evaluation(run_dir)
         tiers = tiers or [r["tier"] for r in records]
         by_tier = {r["tier"]: r for r in records}
+        if method == CENTRALIZED_DENSE:  # one dense model: the same number for every tier
+            by_tier = {t: records[0] for t in tiers}
+            records = [records[0]]
         weakest = min(records, key=lambda r: r["beta"])
         row = {"method": method, "round": records[0]["round"]}
         for tier in tiers:
-            row[tier] = by_tier[tier]["main_metric"]
-        row["mean"] = sum(by_tier[t]["main_metric"] for t in tiers) / len(tiers)
+            row[tier] = by_tier[tier]["main_metric"] if tier in by_tier else float("nan")
+        row["mean"] = sum(row[t] for t in tiers) / len(tiers)
         row["weakest_flops_vs_dense"] = weakest["flops_ratio_to_dense"]
         rows.append(row)
     return tiers, rows
@@ -75,10 +112,28 @@ def write_tables(root: Path, tiers: list[str], rows: list[dict], title: str) -> 
     return md_path, csv_path
 
 
+class TrainingFailed(RuntimeError):
+    def __init__(self, cmd: list[str], returncode: int) -> None:
+        super().__init__(f"failed with exit code {returncode}: {' '.join(cmd)}")
+        self.returncode = returncode
+
+
+def train(overrides: list[str], run_dir: Path) -> None:
+    """``python src/train.py OVERRIDES paths.output_dir=RUN_DIR`` in a fresh process; raises on failure."""
+    cmd = [sys.executable, "src/train.py", *overrides, f"paths.output_dir={run_dir}"]
+    print(f"[compare] {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=os.environ.copy())
+    if proc.returncode != 0:
+        raise TrainingFailed(cmd[1:], proc.returncode)
+    print(f"[compare] finished in {time.perf_counter() - start:.0f} s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run every method on the same split and tabulate per tier.")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
     parser.add_argument("--root", type=Path, default=None, help="output root (default logs/compare/<time>)")
+    parser.add_argument("--centralized", action="store_true", help="add the centralized upper-bound rows")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -89,18 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root or PROJECT_ROOT / "logs" / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     root.mkdir(parents=True, exist_ok=True)
     run_dirs = {}
-    for method in methods:
-        run_dir = root / method
-        cmd = [sys.executable, "src/train.py", "experiment=compare", f"method={method}",
-               f"paths.output_dir={run_dir}", *args.overrides]  # fmt: skip
-        print(f"[compare] {' '.join(cmd[1:])}", flush=True)
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=os.environ.copy())
-        if proc.returncode != 0:
-            print(f"[compare] {method} failed with exit code {proc.returncode}", file=sys.stderr)
-            return proc.returncode
-        print(f"[compare] {method} finished in {time.perf_counter() - start:.0f} s", flush=True)
-        run_dirs[method] = run_dir
+    try:
+        for method in methods:
+            run_dirs[method] = root / method
+            train(["experiment=compare", f"method={method}", *args.overrides], run_dirs[method])
+        if args.centralized:
+            tiers = [r["tier"] for r in last_evaluation(run_dirs[methods[0]])]
+            run_dirs.update(run_centralized(root, tiers, ["experiment=compare", *args.overrides], train))
+    except TrainingFailed as err:
+        print(f"[compare] {err}", file=sys.stderr)
+        return err.returncode
     tiers, rows = comparison_rows(run_dirs)
     md, csv_path = write_tables(root, tiers, rows, f"Per-tier comparison ({' '.join(args.overrides) or 'experiment=compare'})")
     print(md.read_text())

@@ -23,6 +23,7 @@ from ubsmoe.settings import (
     LoraSettings,
     MethodSettings,
     ModelSettings,
+    MoefySettings,
     OptimSettings,
     PGSettings,
     SelfPruningSettings,
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 POOLINGS = ("mean", "cls")
-ROUTER_INITS = ("centroid", "zeros")
+ROUTER_INITS = ("centroid", "zeros", "fitted")
+MOEFY_METHODS = ("weights", "coactivation")
 PARTITIONS = ("dirichlet", "iid")
 ACCELERATORS = ("cpu", "cuda", "mps", "auto")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
@@ -217,6 +219,10 @@ def validate(cfg: DictConfig) -> list[Tier]:
         _warn_candidates(cfg, num_experts)
         _require_choice(cfg, "model.pooling", POOLINGS)
         _require_choice(cfg, "model.router_init", ROUTER_INITS)
+        if OmegaConf.select(cfg, "model.moefy") is not None:
+            _require_choice(cfg, "model.moefy.method", MOEFY_METHODS)
+            _require_bool(cfg, "model.moefy.skip_defaults")
+            _require_int(cfg, "model.moefy.calibration_examples", 1)
         if kind != "glue":
             raise ConfigError(
                 "model.adapter", adapter, f"native for data.kind={kind} (a causal decoder; moefy cuts encoders)"
@@ -301,6 +307,9 @@ def validate(cfg: DictConfig) -> list[Tier]:
     from ubsmoe.fl.backends import BACKENDS
 
     BACKENDS[_require_choice(cfg, "backend.name", tuple(BACKENDS))].check_config(cfg)  # each checks its own keys
+    if OmegaConf.select(cfg, "diagnostics.every") is not None:
+        _require_int(cfg, "diagnostics.every", 1)
+        _require_int(cfg, "diagnostics.probe_examples", 1)
     for key in ("dmr", "expert_stats", "metrics_writer", "checkpoint"):
         _require_bool(cfg, f"callbacks.{key}")
     _require_int(cfg, "checkpoint.keep", 1)
@@ -311,7 +320,16 @@ def validate(cfg: DictConfig) -> list[Tier]:
     if resume is False:
         raise ConfigError("resume", resume, "null, true or a checkpoint path (false is spelled null)")
 
-    return parse_tiers(_get(cfg, "tiers"))
+    tiers = parse_tiers(_get(cfg, "tiers"))
+    if OmegaConf.select(cfg, "federation.centralized", default=False) is not False:
+        _require_bool(cfg, "federation.centralized")
+        names = tuple(t.name for t in tiers)
+        tier = OmegaConf.select(cfg, "federation.tier", default=None)
+        if tier not in names:
+            raise ConfigError("federation.tier", tier, f"the tier a centralized run trains, one of {', '.join(names)}")
+        if steps is None:
+            raise ConfigError("federation.local_steps", steps, "an integer: centralized runs match the local steps")
+    return tiers
 
 
 def _validate_faults(cfg: DictConfig, per_round: int) -> None:
@@ -498,6 +516,7 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
         gradient_checkpointing=raw.get("gradient_checkpointing", defaults.gradient_checkpointing),
         router_dtype=raw.get("router_dtype", defaults.router_dtype),
         lora=LoraSettings(**raw["lora"]),
+        moefy=MoefySettings(**raw.get("moefy", {})),
     )
 
 

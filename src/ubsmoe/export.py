@@ -78,13 +78,12 @@ class _Run:
 
 
 def _load_run(run_dir: Path) -> _Run:
-    from ubsmoe.config import method_settings, model_settings, validate
-    from ubsmoe.data.glue import build_metrics, get_task
+    from ubsmoe.config import validate
+    from ubsmoe.data.glue import get_task
+    from ubsmoe.fl.centralized import centralize
     from ubsmoe.fl.checkpoint import CHECKPOINT_FILE, load_checkpoint
     from ubsmoe.fl.server import ServerState
-    from ubsmoe.fl.strategies import StrategyContext, build_strategy
-    from ubsmoe.model import FederatedClassifier
-    from ubsmoe.runner import run_tier_specs
+    from ubsmoe.runner import build_data, build_module, build_run_strategy, run_tier_specs
     from ubsmoe.seeding import derive_seed
 
     config_file = run_dir / ".hydra" / "config.yaml"
@@ -95,29 +94,17 @@ def _load_run(run_dir: Path) -> _Run:
     checkpoint_path = run_dir / CHECKPOINT_FILE
     if not checkpoint_path.is_file():
         raise ConfigError("run_dir", str(run_dir), f"a run directory with a checkpoint ({CHECKPOINT_FILE})")
-    tiers = validate(cfg)
     if OmegaConf.select(cfg, "data.kind", default="glue") != "glue":
         raise ConfigError("run_dir", str(run_dir), "a GLUE-kind run (data.kind=glue or your own data): exporting "
                           "instruction-tuned decoders is not built yet")  # fmt: skip
-    if cfg.data.get("custom"):
-        from ubsmoe.data.user_task import user_task
-
-        user_task(cfg.data.task, OmegaConf.to_container(cfg.data.custom, resolve=True))  # registers it
+    # Built exactly as the run built it (a data-driven MoEfication reads the same training
+    # text, or its cached result); a centralized run names only its own tier.
+    cfg, tiers = centralize(cfg, validate(cfg))
+    data = build_data(cfg)
     task = get_task(cfg.data.task)
-    model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
+    module = build_module(cfg, tiers, data)
+    strategy = build_run_strategy(cfg, module)
     init_seed = derive_seed(cfg.seed, "init")
-    module = FederatedClassifier(
-        model=model_cfg, method=method_cfg, num_labels=task.num_labels, metrics=build_metrics(task),
-        num_tiers=len(tiers), init_seed=init_seed, main_metric=task.main_metric,
-    )  # fmt: skip
-    strategy = build_strategy(
-        method_cfg,
-        StrategyContext(
-            expert_tensor_names=module.expert_tensor_names(),
-            lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
-            seed=derive_seed(cfg.seed, "strategy"),
-        ),
-    )
     state = load_checkpoint(checkpoint_path)
     strategy.load_state_dict(state["strategy"])
     tier_specs = run_tier_specs(tiers, module)
@@ -165,6 +152,9 @@ def export_tier(run: _Run, tier_index: int, out: Path) -> Path:
         order = getattr(block, "neuron_order", None)
         if order is not None:
             tensors[f"neuron_order/{layer}"] = order
+        defaults = getattr(block, "skip_default", None)
+        if defaults is not None:
+            tensors[f"skip_default/{layer}"] = defaults
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS))
     files = [WEIGHTS]
@@ -267,6 +257,12 @@ def load_exported(path: str | Path) -> ExportedModel:
         if not (root / name).is_file() or _sha256(root / name) != expected:
             raise ConfigError("export", str(root / name), "the file the manifest lists, unchanged (checksum differs)")
     model = _settings_from_dict(ModelSettings, manifest["model"])
+    # The experts are rebuilt from the backbone by weights and then put in the exported
+    # neuron order; what the data decided (router, skip defaults) is in the file, so
+    # loading needs no training text.
+    model = dataclasses.replace(
+        model, router_init="zeros", moefy=dataclasses.replace(model.moefy, method="weights", skip_defaults=False)
+    )
     method = _settings_from_dict(MethodSettings, manifest["method"])
     info = manifest["task"]
     task = TASKS.get(info["name"]) or GlueTask(  # a user task (data.custom) is described by the manifest
@@ -281,6 +277,7 @@ def load_exported(path: str | Path) -> ExportedModel:
         order = tensors.get(f"neuron_order/{layer}")
         if order is not None and hasattr(block, "neuron_order"):
             _reorder_experts(block, order)
+        block.set_skip_default(tensors.get(f"skip_default/{layer}"))
     tier = manifest["tier"]
     module.set_client(k=tier["k"], rank=tier["rank"], tier_index=tier["index"])
     module.set_base_deltas({k.removeprefix("base/"): v for k, v in tensors.items() if k.startswith("base/")})

@@ -25,14 +25,14 @@ import torch
 import torchmetrics
 
 from ubsmoe.backbones import build_adapter
-from ubsmoe.backbones.base import BackboneAdapter
+from ubsmoe.backbones.base import BackboneAdapter, Calibration
 from ubsmoe.backbones.moefy_adapter import resolve_backbone_path
 from ubsmoe.errors import ConfigError
 from ubsmoe.seeding import derive_seed
 from ubsmoe.settings import MethodSettings, ModelSettings, OptimSettings
 from ubsmoe.smoe.flops import EncoderDims, measure_flops
 from ubsmoe.smoe.lora import RankLimiter, peft_lora_layers, set_peft_scaling
-from ubsmoe.smoe.moefy import ROUTER_INITS
+from ubsmoe.smoe.moefy import ROUTER_INITS, check_moefy_args
 from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, missed_token_steps, pseudo_gradient_coefficients
 from ubsmoe.smoe.routing import range_penalty
 from ubsmoe.tasks.base import Task
@@ -47,6 +47,7 @@ def _check_settings(model: ModelSettings, method: MethodSettings, num_labels: in
         raise ConfigError("model.pooling", model.pooling, f"one of {list(POOLINGS)}")
     if model.router_init not in ROUTER_INITS:
         raise ConfigError("model.router_init", model.router_init, f"one of {list(ROUTER_INITS)}")
+    check_moefy_args(model.moefy.method, model.router_init)
     if model.dropout is not None and not 0.0 <= float(model.dropout) < 1.0:
         raise ConfigError("model.dropout", model.dropout, "null (keep the backbone's) or a number in [0, 1)")
     if not isinstance(model.lora.rank, int) or model.lora.rank < 1:
@@ -94,7 +95,10 @@ class FederatedModel(lightning.LightningModule):
         num_tiers: int,
         init_seed: int,
         optim: OptimSettings | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
+        """``calibration``: unlabeled training batches for a data-driven construction of the
+        sparse blocks (``model.moefy``), with the directory its result is cached in."""
         super().__init__()
         self.adapter = adapter
         self.task = task
@@ -107,7 +111,9 @@ class FederatedModel(lightning.LightningModule):
         # Construction draws only from generators seeded by init_seed; the global RNG
         # (which peft's own init consumes) is restored afterwards.
         with torch.random.fork_rng(devices=[]):
-            built = adapter.build(model, method, head=task.head, num_tiers=num_tiers, init_seed=init_seed)
+            built = adapter.build(
+                model, method, head=task.head, num_tiers=num_tiers, init_seed=init_seed, calibration=calibration
+            )
             head = task.build_head(built.hidden_size, torch.Generator().manual_seed(derive_seed(init_seed, "head")))
         # num_experts: the adapter's (M for moefy, the checkpoint's E for native).
         self.model_settings = replace(model, num_experts=built.num_experts)
@@ -421,6 +427,7 @@ class FederatedClassifier(FederatedModel):
         init_seed: int,
         main_metric: str = "accuracy",
         optim: OptimSettings | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         _check_settings(model, method, num_labels, num_tiers)
         super().__init__(
@@ -433,5 +440,6 @@ class FederatedClassifier(FederatedModel):
             num_tiers=num_tiers,
             init_seed=init_seed,
             optim=optim,
+            calibration=calibration,
         )
         self.num_labels = num_labels

@@ -346,6 +346,25 @@ def balance_figure(df: pd.DataFrame) -> Figure | None:
                            "evaluation expert balance per tier")
 
 
+def grad_bias_figure(df: pd.DataFrame) -> Figure | None:
+    """The relative bias of the sparse expert gradient per tier against rounds, PG off and on.
+
+    ``grad_bias`` / ``grad_bias_pg`` (``diagnostics.every``; callbacks/grad_bias.py):
+    ``||g_K - g_M|| / ||g_M||`` of the expert-LoRA gradient on a fixed probe batch. Each
+    variant is two lines, ``(PG off)`` and ``(PG on)``. None when no run measured it.
+    """
+    if "grad_bias" not in df or df["grad_bias"].isna().all():
+        return None
+    df = _with_variant(df)
+    parts = []
+    for column, label in (("grad_bias", "PG off"), ("grad_bias_pg", "PG on")):
+        if column in df:
+            part = df.assign(bias=df[column].astype(float), variant=df["variant"] + f" ({label})")
+            parts.append(part)
+    return _per_tier_lines(pd.concat(parts, ignore_index=True), "bias", "||g_K - g_M|| / ||g_M||",
+                           "expert-gradient bias against all experts, per tier")
+
+
 def layer_label(name: str) -> str:
     """'backbone.encoder.layer.3' -> 'layer 3' (the last number in a layer's name), else the name."""
     numbers = re.findall(r"\d+", name)
@@ -454,7 +473,8 @@ def save_figure(fig: Figure, path: Path) -> Path:
 
 def comparison_figures(df: pd.DataFrame) -> dict[str, Figure | None]:
     """The figures that compare runs: convergence, training loss, expert balance (file stem -> figure)."""
-    return {"convergence": convergence_figure(df), "train_loss": train_loss_figure(df), "balance": balance_figure(df)}
+    return {"convergence": convergence_figure(df), "train_loss": train_loss_figure(df), "balance": balance_figure(df),
+            "grad_bias": grad_bias_figure(df)}
 
 
 def expert_figures(records: Sequence[dict[str, Any]]) -> dict[str, Figure | None]:
@@ -474,6 +494,7 @@ _SKIP_REASONS = {
     "convergence": "no evaluated round yet",
     "train_loss": "no training loss recorded",
     "balance": "no expert telemetry (dense method)",
+    "grad_bias": "no gradient-bias measurement (diagnostics.every unset, or dense methods)",
     "utilization": "no expert telemetry (dense method)",
     "phi": "no phi (dense method or DMR disabled)",
     "heatmap": "no evaluation utilization (dense method or no evaluated round)",

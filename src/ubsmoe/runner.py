@@ -21,6 +21,7 @@ from ubsmoe.config import fault_policy, method_settings, model_settings, optim_s
 from ubsmoe.console import RunConsole
 from ubsmoe.data.report import partition_report
 from ubsmoe.fl.backends import ClientBackend, build_backend
+from ubsmoe.fl.centralized import centralize
 from ubsmoe.fl.checkpoint import (
     RunInterrupted,
     check_fingerprint,
@@ -154,6 +155,12 @@ def build_callbacks(cfg: DictConfig, module: Any, output_dir: Path, console: Run
     callbacks: list[Any] = []
     if cfg.callbacks.dmr:
         callbacks.append(DMRCallback(method_settings(cfg).dmr, module.phi_names()))
+    diagnostics = cfg.get("diagnostics") or {}
+    if diagnostics.get("every"):
+        from ubsmoe.callbacks.grad_bias import GradBiasCallback
+
+        # before the metrics writer: it adds fields to the round's records
+        callbacks.append(GradBiasCallback(diagnostics["every"], diagnostics["probe_examples"]))
     if cfg.callbacks.metrics_writer:
         callbacks.append(MetricsWriter(output_dir, method=cfg.method.name, task=cfg.data.task, seed=cfg.seed))
     if cfg.callbacks.expert_stats:
@@ -170,10 +177,14 @@ def build_data(cfg: DictConfig) -> Any:
     return kind.data(cfg, model_settings(cfg))
 
 
-def build_module(cfg: DictConfig, tiers: list[Any]) -> Any:
-    """The model of a run, initialised from ``derive_seed(seed, "init")``: equal in every process."""
+def build_module(cfg: DictConfig, tiers: list[Any], data: Any) -> Any:
+    """The model of a run, initialised from ``derive_seed(seed, "init")``: equal in every process.
+
+    ``data`` is the run's federated data (:func:`build_data`): a construction fitted to the
+    task's text (``model.moefy``) reads its training examples, the same in every process.
+    """
     kind = build_run_kind(cfg)
-    return kind.module(cfg, model_settings(cfg), method_settings(cfg), tiers, derive_seed(cfg.seed, "init"))
+    return kind.module(cfg, model_settings(cfg), method_settings(cfg), tiers, derive_seed(cfg.seed, "init"), data)
 
 
 def build_run_strategy(cfg: DictConfig, module: Any) -> Any:
@@ -198,6 +209,7 @@ def run_experiment(cfg: DictConfig, backend: ClientBackend | None = None) -> flo
     """
     console = RunConsole()
     tiers = validate(cfg)
+    cfg, tiers = centralize(cfg, tiers)
     kind = build_run_kind(cfg)
     model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
     output_dir = output_dir_of(cfg)
@@ -242,7 +254,7 @@ def _train(
     model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
     if cfg.fabric.num_threads:
         torch.set_num_threads(int(cfg.fabric.num_threads))
-    module = build_module(cfg, tiers)
+    module = build_module(cfg, tiers, data)
     callbacks = build_callbacks(cfg, module, output_dir, console)
     fabric = L.Fabric(
         accelerator=cfg.fabric.accelerator,

@@ -70,13 +70,28 @@ class ServerSettings:
 
 
 @dataclass
+class MoefySettings:
+    """How dense FFNs are cut into experts (``model.moefy``).
+
+    The dataclass defaults are the construction that needs no data (``weights``), so a model
+    can be built from Python without calibration batches; ``configs/model/minilm.yaml``
+    selects the data-driven one (``coactivation``, with ``router_init: fitted``), which
+    keeps the sparse model closer to the dense one (``benchmarks/moefy_quality.py``).
+    """
+
+    method: str = "weights"  # weights | coactivation
+    skip_defaults: bool = False  # add each skipped expert's typical (median) output back
+    calibration_examples: int = 256  # training sentences whose activations are recorded
+
+
+@dataclass
 class ModelSettings:
     name: str = "minilm"
     backbone: str = "minilm"
     adapter: str = "moefy"  # moefy (dense encoder cut into experts) | native (sparse decoder's own experts)
     pooling: str = "mean"
     num_experts: int = 8
-    router_init: str = "centroid"
+    router_init: str = "centroid"  # centroid | zeros | fitted (needs calibration data)
     dropout: float | None = None  # None keeps the backbone's own hidden/attention dropout
     k_max: int | None = None  # None: M for moefy, the checkpoint's configured top-k for native
     dtype: str = "float32"  # native: weights' dtype when loading (bfloat16 for the hub checkpoints)
@@ -84,6 +99,7 @@ class ModelSettings:
     router_dtype: str | None = "float32"  # native: the trainable router's dtype (None = the weights' dtype)
     gradient_checkpointing: bool = False  # native: recompute each decoder layer in backward (less activation memory)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    moefy: MoefySettings = field(default_factory=MoefySettings)
 
 
 @dataclass

@@ -46,6 +46,19 @@ class BuiltBackbone:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Calibration:
+    """Unlabeled training batches of the task, for constructions that are fitted to data.
+
+    ``batches``: padded model inputs (``input_ids``, ``attention_mask``, optionally
+    ``token_type_ids``), no labels; ``cache_dir``: where the fitted construction is cached
+    (``None`` = not cached). Adapters whose construction reads no data ignore it.
+    """
+
+    batches: list[dict[str, torch.Tensor]]
+    cache_dir: str | None = None
+
+
 class BackboneAdapter(ABC):
     """Turns ``model`` settings into a backbone with UB-SMoE sparse blocks (one kind per subclass)."""
 
@@ -57,8 +70,9 @@ class BackboneAdapter(ABC):
 
     @abstractmethod
     def build(
-        self, model: ModelSettings, method: MethodSettings, *, head: str, num_tiers: int, init_seed: int
-    ) -> BuiltBackbone:
+        self, model: ModelSettings, method: MethodSettings, *, head: str, num_tiers: int, init_seed: int,
+        calibration: Calibration | None = None,
+    ) -> BuiltBackbone:  # fmt: skip
         """Load the weights, freeze them, insert the sparse blocks and the adapters."""
 
     @abstractmethod

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ubsmoe.backbones.base import BackboneAdapter, BuiltBackbone
+from ubsmoe.backbones.base import BackboneAdapter, BuiltBackbone, Calibration
 from ubsmoe.errors import ConfigError
 from ubsmoe.seeding import derive_seed
 from ubsmoe.settings import MethodSettings, ModelSettings
@@ -97,8 +97,9 @@ class MoefyAdapter(BackboneAdapter):
         return int(model.num_experts)
 
     def build(
-        self, model: ModelSettings, method: MethodSettings, *, head: str, num_tiers: int, init_seed: int
-    ) -> BuiltBackbone:
+        self, model: ModelSettings, method: MethodSettings, *, head: str, num_tiers: int, init_seed: int,
+        calibration: Calibration | None = None,
+    ) -> BuiltBackbone:  # fmt: skip
         config = self.check(model, method, head)
         from transformers import AutoModel
 
@@ -119,6 +120,10 @@ class MoefyAdapter(BackboneAdapter):
                 router_init=model.router_init,
                 options=moe_options(model, method, num_tiers),
                 generator=torch.Generator().manual_seed(derive_seed(init_seed, "moefy")),
+                method=model.moefy.method,
+                skip_defaults=model.moefy.skip_defaults,
+                calibration=None if calibration is None else calibration.batches,
+                cache_dir=None if calibration is None else calibration.cache_dir,
             )
         attention_names = attention_target_names(backbone, list(lora.attention_targets))
         if lora.attention_targets and not attention_names:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ubsmoe.backbones.base import BackboneAdapter, BuiltBackbone
+from ubsmoe.backbones.base import BackboneAdapter, BuiltBackbone, Calibration
 from ubsmoe.backbones.moefy_adapter import moe_options, quiet_transformers
 from ubsmoe.errors import ConfigError
 from ubsmoe.seeding import derive_seed
@@ -112,8 +112,9 @@ class NativeAdapter(BackboneAdapter):
             return AutoModelForCausalLM.from_pretrained(model.backbone, dtype=dtype, attn_implementation="sdpa")
 
     def build(
-        self, model: ModelSettings, method: MethodSettings, *, head: str, num_tiers: int, init_seed: int
-    ) -> BuiltBackbone:
+        self, model: ModelSettings, method: MethodSettings, *, head: str, num_tiers: int, init_seed: int,
+        calibration: Calibration | None = None,
+    ) -> BuiltBackbone:  # fmt: skip
         from ubsmoe.backbones.native import convert, native_blocks
 
         config = self.check(model, method, head)

@@ -114,6 +114,10 @@ class MetricsWriter:
                     + self.broadcast_to_tier(loop, summary, tier_index),
                     "bytes_received": sum(u.bytes_sent for u in updates),  # clients of this tier -> server
                     "wall_time": round(summary.wall_time, 3),
+                    # diagnostics (callbacks/grad_bias.py): null on rounds without a measurement
+                    "grad_bias": None,
+                    "grad_bias_pg": None,
+                    **summary.tier_extras.get(tier.name, {}),
                 }
             )
         return records

@@ -39,6 +39,8 @@ class RoundSummary:
     dropped: list[DroppedClient] = field(default_factory=list)  # replies not aggregated, and why
     skipped: bool = False  # fewer good replies than federation.min_replies: the global state was kept
     broadcast_bytes: int = 0  # sent to every client of the federation after this round (per client)
+    # extra per-tier fields callbacks add for metrics.jsonl (tier name -> {field: value}), e.g. grad_bias
+    tier_extras: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def expert_entropy(utilization: torch.Tensor) -> float:

@@ -395,6 +395,8 @@ class SparseMoE(nn.Module):
             ExpertLoRA(m, h, de, options.lora_rank, options.lora_alpha, generator) if options.lora_rank > 0 else None
         )
         self.tier_scale = nn.Parameter(torch.ones(options.num_tiers)) if options.num_tiers > 0 else None
+        # Output each expert adds when a token skips it (data-driven MoEfication); None = nothing.
+        self.register_buffer("skip_default", None)
         self.register_buffer("pg_default", torch.zeros(m, h))
         self.register_buffer("pg_default_ready", torch.zeros(m, dtype=torch.bool))
         self.register_buffer("tel_counters", torch.zeros(2 * m + 3, dtype=torch.float64), persistent=False)
@@ -406,6 +408,29 @@ class SparseMoE(nn.Module):
         if not 1 <= k <= self.num_experts:
             raise ValueError(f"k={k} must lie in [1, {self.num_experts}]")
         self.k = int(k)
+
+    def set_skip_default(self, defaults: torch.Tensor | None) -> None:
+        """``[M, h]``: what expert ``e`` contributes to a token that does not run it (``None`` = zero).
+
+        A GELU neuron that is not computed is not silent: it sits near its typical value.
+        :func:`ubsmoe.smoe.coactivation.skip_defaults` estimates each expert's output there;
+        adding it for the skipped experts keeps a sparse forward close to the dense one. No
+        expert is skipped at ``K = M``, so the dense FFN is still reproduced exactly.
+        """
+        if defaults is not None and tuple(defaults.shape) != (self.num_experts, self.hidden_size):
+            raise ValueError(f"skip defaults of shape {tuple(defaults.shape)}, expected {(self.num_experts, self.hidden_size)}")
+        self.skip_default = None if defaults is None else defaults.detach().to(self.w1).clone()
+
+    def _skip_compensation(self, experts: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """``sum over skipped e of skip_default[e]`` per token, as the total minus the active ones.
+
+        A gather and a sum (``K h`` additions per token, no matrix product), zero on padding.
+        """
+        defaults = self.skip_default
+        n, k = experts.shape
+        chosen = defaults.index_select(0, experts.reshape(-1)).view(n, k, -1).sum(1)
+        out = defaults.sum(0) - chosen
+        return out if valid is None else out * valid[:, None].to(out.dtype)
 
     # ----------------------------------------------------------------- forward
     def _valid(self, num_tokens: int) -> torch.Tensor | None:
@@ -490,6 +515,8 @@ class SparseMoE(nn.Module):
                 router_signal_args, pg_args,
             )  # fmt: skip
 
+        if self.skip_default is not None and k < m:
+            y = y + self._skip_compensation(routing.experts, valid)
         if self.tier_scale is not None:
             y = y * self.tier_scale[self.tier_index] + self.b2
         if want_sums and sums is not None:

@@ -29,9 +29,10 @@ class RunKind(ABC):
 
     @abstractmethod
     def module(
-        self, cfg: DictConfig, model: ModelSettings, method: MethodSettings, tiers: list[Tier], init_seed: int
-    ) -> Any:
-        """The LightningModule (one backbone adapter + one task)."""
+        self, cfg: DictConfig, model: ModelSettings, method: MethodSettings, tiers: list[Tier], init_seed: int,
+        data: Any,
+    ) -> Any:  # fmt: skip
+        """The LightningModule (one backbone adapter + one task); ``data`` is :meth:`data`'s result."""
 
 
 class GlueKind(RunKind):
@@ -80,8 +81,9 @@ class GlueKind(RunKind):
         )
 
     def module(
-        self, cfg: DictConfig, model: ModelSettings, method: MethodSettings, tiers: list[Tier], init_seed: int
-    ) -> Any:
+        self, cfg: DictConfig, model: ModelSettings, method: MethodSettings, tiers: list[Tier], init_seed: int,
+        data: Any,
+    ) -> Any:  # fmt: skip
         from ubsmoe.data.glue import build_metrics, get_task
         from ubsmoe.model import FederatedClassifier
 
@@ -95,7 +97,20 @@ class GlueKind(RunKind):
             num_tiers=len(tiers),
             init_seed=init_seed,
             optim=optim_settings(cfg),
+            calibration=moefy_calibration(cfg, model, method, data),
         )
+
+
+def moefy_calibration(cfg: DictConfig, model: ModelSettings, method: MethodSettings, data: Any) -> Any:
+    """The training text a data-driven MoEfication (``model.moefy``) records, or ``None`` when it reads none."""
+    from ubsmoe.backbones.base import Calibration
+    from ubsmoe.data.calibration import calibration_batches
+    from ubsmoe.smoe.moefy import needs_calibration
+
+    if not method.sparse or not needs_calibration(model.moefy.method, model.router_init, model.moefy.skip_defaults):
+        return None
+    batches = calibration_batches(data.clients, model.moefy.calibration_examples)
+    return Calibration(batches=batches, cache_dir=str(cfg.paths.cache_dir))
 
 
 class CommonsenseKind(RunKind):
@@ -144,8 +159,9 @@ class CommonsenseKind(RunKind):
         )
 
     def module(
-        self, cfg: DictConfig, model: ModelSettings, method: MethodSettings, tiers: list[Tier], init_seed: int
-    ) -> Any:
+        self, cfg: DictConfig, model: ModelSettings, method: MethodSettings, tiers: list[Tier], init_seed: int,
+        data: Any,
+    ) -> Any:  # fmt: skip
         from ubsmoe.backbones import build_adapter
         from ubsmoe.data.commonsense import BENCHMARKS
         from ubsmoe.model import FederatedModel

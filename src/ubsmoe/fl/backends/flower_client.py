@@ -91,7 +91,7 @@ def build_worker(cfg: DictConfig) -> Worker:
     if cfg.fabric.num_threads:
         torch.set_num_threads(int(cfg.fabric.num_threads))
     data = build_data(cfg)
-    module = build_module(cfg, tiers)
+    module = build_module(cfg, tiers, data)
     fabric = L.Fabric(accelerator=cfg.fabric.accelerator, devices=cfg.fabric.devices, precision=cfg.fabric.precision)
     fabric.setup_module(module)
     return Worker(

@@ -1,0 +1,210 @@
+"""``make results``: every method over several seeds on a named budget, with the noise made visible.
+
+Runs ``python src/train.py experiment=BUDGET method=M seed=S`` for every method and seed (a
+fresh process each) into ``ROOT/runs/M/seedS`` (and, with ``--centralized``, the centralized
+bound of every tier), then writes into ``ROOT`` (default ``logs/results/<time>``):
+
+- ``results.csv``: one row per (method, seed, tier): main metric, FLOPs per example and
+  their ratio to the dense model, at the last evaluated round;
+- ``results.md``: per tier, each method's mean and standard deviation over seeds, and the
+  paired difference of UB-SMoE against each other method on the same seeds with a
+  bootstrap confidence interval (seeds resampled with replacement), marked when the
+  interval contains 0 (the difference is inside the seed noise);
+- ``accuracy_vs_flops_<tier>.png``: per tier, each method a point (mean over seeds, error
+  bar one standard deviation) at its FLOPs per example.
+
+Usage: python -m ubsmoe.results [--seeds 42,43,44] [--methods a,b] [--budget compare]
+       [--centralized] [--root DIR] [HYDRA_OVERRIDE ...]
+       python -m ubsmoe.results --analyze-only --root DIR   (tables and figures from finished runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ubsmoe.compare import CENTRALIZED_DENSE, TrainingFailed, last_evaluation, run_centralized, train
+from ubsmoe.fl.strategies import METHODS
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+REFERENCE = "ubsmoe"
+
+
+def bootstrap_ci(differences: np.ndarray, *, level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of paired differences (seeds resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    d = np.asarray(differences, dtype=np.float64)
+    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
+def collect(run_dirs: dict[tuple[str, int], Path]) -> list[dict]:
+    """One row per (method, seed, tier) from each run's last evaluated round."""
+    rows = []
+    for (method, seed), run_dir in sorted(run_dirs.items()):
+        for record in last_evaluation(run_dir):
+            rows.append({
+                "method": method, "seed": seed, "tier": record["tier"], "beta": record["beta"], "k": record["k"],
+                "rank": record["rank"], "round": record["round"], "main_metric": record["main_metric"],
+                "flops_per_example": record["flops_per_example"],
+                "flops_ratio_to_dense": record["flops_ratio_to_dense"],
+            })  # fmt: skip
+    return rows
+
+
+def summarize(rows: list[dict], *, reference: str = REFERENCE, level: float = 0.95) -> dict:
+    """Per tier: each method's mean/std over seeds, and the paired differences of ``reference`` with their CI."""
+    tiers = list(dict.fromkeys(r["tier"] for r in rows if r["method"] not in (CENTRALIZED_DENSE,)))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    out: dict = {}
+    for tier in tiers:
+        by_method: dict[str, dict[int, dict]] = {}
+        for r in rows:
+            if r["tier"] == tier or (r["method"] == CENTRALIZED_DENSE):
+                by_method.setdefault(r["method"], {})[r["seed"]] = r
+        stats = {}
+        for method in methods:
+            values = by_method.get(method)
+            if not values:
+                continue
+            acc = np.array([v["main_metric"] for v in values.values()])
+            flops = np.array([v["flops_per_example"] for v in values.values()])
+            stats[method] = {
+                "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0, "n": int(acc.size),
+                "flops_per_example": float(flops.mean()),
+                "flops_ratio_to_dense": float(np.mean([v["flops_ratio_to_dense"] for v in values.values()])),
+            }  # fmt: skip
+        diffs = {}
+        ref = by_method.get(reference, {})
+        for method in methods:
+            if method == reference or method not in by_method:
+                continue
+            seeds = sorted(set(ref) & set(by_method[method]))
+            if not seeds:
+                continue
+            d = np.array([ref[s]["main_metric"] - by_method[method][s]["main_metric"] for s in seeds])
+            low, high = bootstrap_ci(d, level=level)
+            diffs[method] = {"mean": float(d.mean()), "low": low, "high": high, "n": len(seeds),
+                             "inside_noise": bool(low <= 0.0 <= high)}  # fmt: skip
+        out[tier] = {"stats": stats, "differences": diffs}
+    return out
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_markdown(summary: dict, path: Path, *, title: str, reference: str = REFERENCE, level: float = 0.95) -> Path:
+    lines = [f"# {title}", ""]
+    for tier, block in summary.items():
+        lines += [f"## tier {tier}", "", "| method | mean | std | seeds | FLOPs / example (G) | FLOPs vs dense |",
+                  "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for method, s in block["stats"].items():
+            lines.append(f"| {method} | {s['mean']:.4f} | {s['std']:.4f} | {s['n']} | "
+                         f"{s['flops_per_example'] / 1e9:.3f} | {s['flops_ratio_to_dense']:.3f} |")  # fmt: skip
+        if block["differences"]:
+            pct = round(level * 100)
+            lines += ["", f"{reference} minus each method, paired on seeds, with a {pct}% bootstrap interval:", "",
+                      "| against | difference | interval | seeds | inside the noise |", "|---|---:|---|---:|---|"]  # fmt: skip
+            for method, d in block["differences"].items():
+                lines.append(f"| {method} | {d['mean']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] | {d['n']} | "
+                             f"{'yes' if d['inside_noise'] else 'no'} |")  # fmt: skip
+        lines.append("")
+    lines.append("A bootstrap over a handful of seeds is coarse: with 3 seeds the interval can only take a few "
+                 "distinct values; read 'no' as 'all seeds agree on the sign', not as significance.")  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def accuracy_vs_flops_figure(tier: str, block: dict) -> Figure:
+    """Each method a point: FLOPs per example against the mean main metric, error bar one std."""
+    from ubsmoe.plots import _colors
+
+    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    stats = block["stats"]
+    for (method, s), color in zip(stats.items(), _colors(len(stats)), strict=True):
+        ax.errorbar(s["flops_per_example"] / 1e9, s["mean"], yerr=s["std"], fmt="o", capsize=4, color=color, label=method)
+    ax.set_xlabel("forward GFLOPs per example")
+    ax.set_ylabel("validation main metric (mean over seeds, +- std)")
+    ax.set_title(f"tier {tier}: accuracy against compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def analyze(run_dirs: dict[tuple[str, int], Path], root: Path, *, title: str) -> dict[str, Path]:
+    """results.csv, results.md and one accuracy-vs-FLOPs PNG per tier into ``root``."""
+    rows = collect(run_dirs)
+    summary = summarize(rows)
+    written = {"csv": write_csv(rows, root / "results.csv"), "md": write_markdown(summary, root / "results.md", title=title)}
+    for tier, block in summary.items():
+        path = root / f"accuracy_vs_flops_{tier}.png"
+        accuracy_vs_flops_figure(tier, block).savefig(path, format="png", dpi=100)
+        written[f"png_{tier}"] = path
+    return written
+
+
+def find_runs(root: Path) -> dict[tuple[str, int], Path]:
+    """The finished runs under ``root/runs/<method>/seed<S>`` (and centralized ones, merged per seed)."""
+    found = {}
+    for metrics in sorted((root / "runs").glob("*/seed*/metrics.jsonl")):
+        run_dir = metrics.parent
+        found[(run_dir.parent.name, int(run_dir.name.removeprefix("seed")))] = run_dir
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Every method over seeds; per-tier tables with bootstrap CIs.")
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--budget", default="compare", help="experiment config naming the budget (configs/experiment)")
+    parser.add_argument("--centralized", action="store_true", help="also run each tier's centralized bound per seed")
+    parser.add_argument("--root", type=Path, default=None, help="output directory (default logs/results/<time>)")
+    parser.add_argument("--analyze-only", action="store_true", help="only tabulate the runs already under --root")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not seeds:
+        print(f"Configuration error: --methods {unknown} / --seeds {args.seeds}; methods: {', '.join(METHODS)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    root = args.root or PROJECT_ROOT / "logs" / "results" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    root.mkdir(parents=True, exist_ok=True)
+    common = [f"experiment={args.budget}", "logger=csv", *args.overrides]
+    try:
+        for seed in [] if args.analyze_only else seeds:
+            for method in methods:
+                train([*common, f"method={method}", f"seed={seed}"], root / "runs" / method / f"seed{seed}")
+            if args.centralized:
+                tiers = [r["tier"] for r in last_evaluation(root / "runs" / methods[0] / f"seed{seed}")]
+                bounds = run_centralized(root / "centralized" / f"seed{seed}", tiers, [*common, f"seed={seed}"], train)
+                for name, run_dir in bounds.items():
+                    target = root / "runs" / name / f"seed{seed}"
+                    target.mkdir(parents=True, exist_ok=True)
+                    (target / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    except TrainingFailed as err:
+        print(f"[results] {err}", file=sys.stderr)
+        return err.returncode
+    written = analyze(find_runs(root), root, title=f"Results over seeds {args.seeds} (experiment={args.budget}"
+                      + (f", {' '.join(args.overrides)}" if args.overrides else "") + ")")  # fmt: skip
+    print(written["md"].read_text())
+    print(f"[results] {', '.join(str(p) for p in written.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
