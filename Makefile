@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install train smoke test bench compare results sweep plots notebooks clean
+.PHONY: help install train smoke test bench compare results ablation sweep plots notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -41,8 +41,11 @@ bench: $(STAMP) ## speed and compute benchmarks, JSON into logs/bench/
 compare: $(STAMP) ## every method on the same split, one table per tier (experiment=compare)
 	$(PY) -m ubsmoe.compare $(ARGS)
 
-results: $(STAMP) ## every method over seeds 42,43,44 on experiment=compare: tables with bootstrap CIs, figures (logs/results/)
+results: $(STAMP) ## every method over seeds 42,43,44 on experiment=results (about an hour): tables with bootstrap CIs, figures (logs/results/)
 	$(PY) -m ubsmoe.results $(ARGS)
+
+ablation: $(STAMP) ## UB-SMoE with one switch changed at a time (DMR, PG parts, N_p), seed 42, compare budget (logs/ablation/)
+	$(PY) -m ubsmoe.ablation $(ARGS)
 
 SWEEP ?= ablation
 sweep: $(STAMP) ## create a W&B grid sweep (SWEEP=ablation|methods), then run the printed `wandb agent`

@@ -128,6 +128,11 @@ def test_results_on_a_tiny_budget(tmp_path, glue_dir):
         assert f"## tier {tier}" in md
         assert (root / f"accuracy_vs_flops_{tier}.png").stat().st_size > 1000
     assert "| fedit | " in md and "bootstrap interval" in md
+    # an interrupted call is continued on the same root: finished runs are kept, not retrained
+    again = subprocess.run(proc.args, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("is complete: kept") == 4 and "src/train.py" not in again.stdout
+    assert (root / "results.csv").read_text().splitlines() == lines
 
 
 def test_comparison_table_shows_centralized_rows(tmp_path):

@@ -13,7 +13,7 @@ bound of every tier), then writes into ``ROOT`` (default ``logs/results/<time>``
 - ``accuracy_vs_flops_<tier>.png``: per tier, each method a point (mean over seeds, error
   bar one standard deviation) at its FLOPs per example.
 
-Usage: python -m ubsmoe.results [--seeds 42,43,44] [--methods a,b] [--budget compare]
+Usage: python -m ubsmoe.results [--seeds 42,43,44] [--methods a,b] [--budget results]
        [--centralized] [--root DIR] [HYDRA_OVERRIDE ...]
        python -m ubsmoe.results --analyze-only --root DIR   (tables and figures from finished runs)
 """
@@ -34,6 +34,7 @@ from ubsmoe.fl.strategies import METHODS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = "ubsmoe"
+DONE = "results.done"  # written after a run finished; a re-run of the same --root skips it
 
 
 def bootstrap_ci(differences: np.ndarray, *, level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Every method over seeds; per-tier tables with bootstrap CIs.")
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--budget", default="compare", help="experiment config naming the budget (configs/experiment)")
+    parser.add_argument("--budget", default="results", help="experiment config naming the budget (configs/experiment)")
     parser.add_argument("--centralized", action="store_true", help="also run each tier's centralized bound per seed")
     parser.add_argument("--root", type=Path, default=None, help="output directory (default logs/results/<time>)")
     parser.add_argument("--analyze-only", action="store_true", help="only tabulate the runs already under --root")
@@ -188,7 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in [] if args.analyze_only else seeds:
             for method in methods:
-                train([*common, f"method={method}", f"seed={seed}"], root / "runs" / method / f"seed{seed}")
+                run_dir = root / "runs" / method / f"seed{seed}"
+                if (run_dir / DONE).is_file():  # finished by an earlier, interrupted call on this root
+                    print(f"[results] {run_dir} is complete: kept", flush=True)
+                    continue
+                train([*common, f"method={method}", f"seed={seed}"], run_dir)
+                (run_dir / DONE).write_text("")
             if args.centralized:
                 tiers = [r["tier"] for r in last_evaluation(root / "runs" / methods[0] / f"seed{seed}")]
                 bounds = run_centralized(root / "centralized" / f"seed{seed}", tiers, [*common, f"seed={seed}"], train)
