@@ -37,6 +37,7 @@ bench: $(STAMP) ## speed and compute benchmarks, JSON into logs/bench/
 	$(PY) benchmarks/backend_overhead.py
 	$(PY) benchmarks/native_moe_speed.py
 	$(PY) benchmarks/soak.py
+	$(PY) benchmarks/moefy_quality.py
 
 compare: $(STAMP) ## every method on the same split, one table per tier (experiment=compare)
 	$(PY) -m ubsmoe.compare $(ARGS)
