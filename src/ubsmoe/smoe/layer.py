@@ -346,7 +346,50 @@ class MoEOptions:
 _SCALARS = ("tokens", "active_mass", "active_assignments")
 
 
-class SparseMoE(nn.Module):
+class RoutingCounters:
+    """The routing statistics every sparse block keeps (DMR, PG and telemetry read them).
+
+    A mixin for an ``nn.Module`` with ``num_experts`` and ``k``: :meth:`_init_counters` after
+    ``nn.Module.__init__``, :meth:`_add_counts` once per forward pass.
+    """
+
+    num_experts: int
+    k: int
+    tel_counters: torch.Tensor
+    step_counters: torch.Tensor
+
+    def _init_counters(self, device: torch.device | str | None = None) -> None:
+        counters = torch.zeros(2 * self.num_experts + len(_SCALARS), dtype=torch.float64, device=device)
+        self.register_buffer("tel_counters", counters, persistent=False)  # type: ignore[attr-defined]
+        self.register_buffer("step_counters", counters.clone(), persistent=False)  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def _add_counts(self, counts: torch.Tensor, inactive_mass: torch.Tensor, n: int, training: bool) -> None:
+        """One pass over ``n`` real tokens: tokens per expert and router mass on inactive experts.
+
+        The masses are summed in ``inactive_mass``'s dtype (the block's choice), then counted in float64.
+        """
+        active_mass = n - inactive_mass.sum()  # each real token's probabilities sum to one
+        stats = torch.cat([counts.to(inactive_mass.dtype), inactive_mass, inactive_mass.new_tensor([n]),
+                           active_mass.view(1), inactive_mass.new_tensor([n * self.k])]).double()  # fmt: skip
+        self.tel_counters.add_(stats)
+        if training:
+            self.step_counters.add_(stats)
+
+    def counters(self, which: str = "tel") -> dict[str, torch.Tensor]:
+        """Accumulated counters: ``"tel"`` (until :meth:`reset_telemetry`) or ``"step"`` (this step's, for PG)."""
+        vector = (self.tel_counters if which == "tel" else self.step_counters).clone()
+        m = self.num_experts
+        out = {"expert_tokens": vector[:m], "inactive_mass": vector[m : 2 * m]}
+        out.update({name: vector[2 * m + i] for i, name in enumerate(_SCALARS)})
+        out["max_load_fraction"] = out["expert_tokens"].max() / out["tokens"].clamp_min(1.0)
+        return out
+
+    def reset_telemetry(self) -> None:
+        self.tel_counters.zero_()
+
+
+class SparseMoE(RoutingCounters, nn.Module):
     """An FFN cut into ``M`` experts with top-``K`` routing; drop-in for a BERT ``intermediate``.
 
     Input and output are ``[..., h]``: the block computes ``sum_e g_e E_e(x) + b2``, the
@@ -399,8 +442,7 @@ class SparseMoE(nn.Module):
         self.register_buffer("skip_default", None)
         self.register_buffer("pg_default", torch.zeros(m, h))
         self.register_buffer("pg_default_ready", torch.zeros(m, dtype=torch.bool))
-        self.register_buffer("tel_counters", torch.zeros(2 * m + 3, dtype=torch.float64), persistent=False)
-        self.register_buffer("step_counters", torch.zeros(2 * m + 3, dtype=torch.float64), persistent=False)
+        self._init_counters()
         self.pg_sink: MissedTokenSink | None = None  # this step's missed-token sums (PG expert_mode=missed_tokens)
 
     # ----------------------------------------------------------------- configuration
@@ -544,31 +586,10 @@ class SparseMoE(nn.Module):
         valid: torch.Tensor | None,
         training: bool,
     ) -> None:
-        m = self.num_experts
         n = probs.shape[0] if valid is None else int(valid.sum())
-        if inactive is None:
-            inactive_mass = probs.new_zeros(m)
-        else:
-            inactive_mass = (probs.detach() * inactive).sum(0)
-        # each token's probabilities sum to one: the active mass is the rest
-        active_mass = n - inactive_mass.sum()
-        stats = torch.cat([counts.to(inactive_mass.dtype), inactive_mass, inactive_mass.new_tensor([n]),
-                           active_mass.view(1), inactive_mass.new_tensor([n * self.k])]).double()  # fmt: skip
-        self.tel_counters.add_(stats)
-        if training:
-            self.step_counters.add_(stats)
-
-    def counters(self, which: str = "tel") -> dict[str, torch.Tensor]:
-        """Accumulated counters: ``"tel"`` (until :meth:`reset_telemetry`) or ``"step"`` (this step's, for PG)."""
-        vector = (self.tel_counters if which == "tel" else self.step_counters).clone()
-        m = self.num_experts
-        out = {"expert_tokens": vector[:m], "inactive_mass": vector[m : 2 * m]}
-        out.update({name: vector[2 * m + i] for i, name in enumerate(_SCALARS)})
-        out["max_load_fraction"] = out["expert_tokens"].max() / out["tokens"].clamp_min(1.0)
-        return out
-
-    def reset_telemetry(self) -> None:
-        self.tel_counters.zero_()
+        # summed in the probabilities' dtype (float32), then counted in float64
+        inactive_mass = probs.new_zeros(self.num_experts) if inactive is None else (probs.detach() * inactive).sum(0)
+        self._add_counts(counts, inactive_mass, n, training)
 
     def reset_step(self) -> None:
         self.step_counters.zero_()

@@ -25,8 +25,11 @@ def lora_a_bound(fan_in: int) -> float:
 class ExpertLoRA(nn.Module):
     """Stacked LoRA adapters of the two matrices of ``M`` experts, one rank for all.
 
-    ``B`` starts at zero so the adapted layer starts equal to the frozen one; ``A`` is drawn
-    from ``generator`` so the initialisation depends on the run's init seed only.
+    ``lora_A1 [M, r, h]``, ``lora_B1 [M, first_out, r]`` adapt each expert's first matrix
+    (``first_out`` = the expert width d, or 2d for a gated decoder expert's fused gate_up);
+    ``lora_A2 [M, r, d]``, ``lora_B2 [M, h, r]`` its second. ``B`` starts at zero so the
+    adapted layer starts equal to the frozen one; ``A`` is drawn from ``generator`` with
+    peft's bound, so the initialisation depends on the run's init seed only.
     """
 
     def __init__(
@@ -37,6 +40,10 @@ class ExpertLoRA(nn.Module):
         rank: int,
         alpha: float,
         generator: torch.Generator | None = None,
+        *,
+        first_out: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         if rank < 1:
@@ -44,11 +51,13 @@ class ExpertLoRA(nn.Module):
         self.rank = rank
         self.scaling = alpha / rank
         m, h, d = num_experts, hidden_size, expert_size
-        self.lora_A1 = nn.Parameter(torch.empty(m, rank, h))
-        self.lora_B1 = nn.Parameter(torch.zeros(m, d, rank))
-        self.lora_A2 = nn.Parameter(torch.empty(m, rank, d))
-        self.lora_B2 = nn.Parameter(torch.zeros(m, h, rank))
+        self.lora_A1 = nn.Parameter(torch.empty(m, rank, h, dtype=dtype))
+        self.lora_B1 = nn.Parameter(torch.zeros(m, d if first_out is None else first_out, rank, dtype=dtype))
+        self.lora_A2 = nn.Parameter(torch.empty(m, rank, d, dtype=dtype))
+        self.lora_B2 = nn.Parameter(torch.zeros(m, h, rank, dtype=dtype))
         self.reset_parameters(generator)
+        if device is not None:
+            self.to(device)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ubsmoe.smoe.layer import _SCALARS, Activation, MoEOptions
-from ubsmoe.smoe.lora import lora_a_bound
+from ubsmoe.smoe.layer import Activation, MoEOptions, RoutingCounters
+from ubsmoe.smoe.lora import ExpertLoRA
 from ubsmoe.smoe.pseudo_grad import expert_mean_outputs, router_signal, update_defaults
 from ubsmoe.smoe.routing import Routing, modulate, num_candidates, switch_balance_loss
 
@@ -45,7 +45,7 @@ def recomputing_in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class NativeExpertLoRA(nn.Module):
+class NativeExpertLoRA(ExpertLoRA):
     """Stacked LoRA of ``E`` SwiGLU experts, expert as dim 0, one rank for all.
 
     ``lora_A1 [E, r, h]``, ``lora_B1 [E, 2d, r]`` adapt ``gate_up_proj``; ``lora_A2 [E, r, d]``,
@@ -67,34 +67,8 @@ class NativeExpertLoRA(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.rank = rank
-        self.scaling = alpha / rank
-        e, h, d = num_experts, hidden_size, expert_size
-        self.lora_A1 = nn.Parameter(torch.empty(e, rank, h, dtype=dtype))
-        self.lora_B1 = nn.Parameter(torch.zeros(e, 2 * d, rank, dtype=dtype))
-        self.lora_A2 = nn.Parameter(torch.empty(e, rank, d, dtype=dtype))
-        self.lora_B2 = nn.Parameter(torch.zeros(e, h, rank, dtype=dtype))
-        self.reset_parameters(generator)
-        if device is not None:
-            self.to(device)
-
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        for a in (self.lora_A1, self.lora_A2):
-            bound = lora_a_bound(a.shape[-1])
-            a.copy_(torch.rand(a.shape, generator=generator) * (2 * bound) - bound)
-        self.lora_B1.zero_()
-        self.lora_B2.zero_()
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.lora_A1, self.lora_B1, self.lora_A2, self.lora_B2
-
-    def rank_dims(self) -> list[tuple[nn.Parameter, int]]:
-        """Each tensor with the dimension that indexes the rank (for :class:`~ubsmoe.smoe.lora.RankLimiter`)."""
-        return [(self.lora_A1, 1), (self.lora_B1, 2), (self.lora_A2, 1), (self.lora_B2, 2)]
+        super().__init__(num_experts, hidden_size, expert_size, rank, alpha, generator,
+                         first_out=2 * expert_size, device=device, dtype=dtype)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -289,7 +263,7 @@ class SwiGLUExperts(torch.autograd.Function):
         return (dx, dgates, da1, db1, da2, db2) + (None,) * 7
 
 
-class NativeSparseMoE(nn.Module):
+class NativeSparseMoE(RoutingCounters, nn.Module):
     """Drop-in for a transformers 5 ``*SparseMoeBlock``: ``[B, L, h] -> [B, L, h]``.
 
     ``router`` is the backbone's router module (its ``weight`` is the same Parameter, now
@@ -353,9 +327,7 @@ class NativeSparseMoE(nn.Module):
         self.tier_scale = nn.Parameter(torch.ones(options.num_tiers, device=device)) if options.num_tiers > 0 else None
         self.register_buffer("pg_default", torch.zeros(e, h, device=device))
         self.register_buffer("pg_default_ready", torch.zeros(e, dtype=torch.bool, device=device))
-        counters = torch.zeros(2 * e + 3, dtype=torch.float64, device=device)
-        self.register_buffer("tel_counters", counters, persistent=False)
-        self.register_buffer("step_counters", counters.clone(), persistent=False)
+        self._init_counters(device)
 
     def extra_repr(self) -> str:
         return (
@@ -544,25 +516,7 @@ class NativeSparseMoE(nn.Module):
         training: bool,
     ) -> None:
         n = probs.shape[0] if valid is None else int(valid.sum())
-        inactive_mass = (probs.detach().double() * inactive).sum(0)
-        active_mass = n - inactive_mass.sum()  # each real token's probabilities sum to one
-        stats = torch.cat([counts.double(), inactive_mass, inactive_mass.new_tensor([n]), active_mass.view(1),
-                           inactive_mass.new_tensor([n * self.k])])  # fmt: skip
-        self.tel_counters.add_(stats)
-        if training:
-            self.step_counters.add_(stats)
-
-    def counters(self, which: str = "tel") -> dict[str, torch.Tensor]:
-        """Accumulated counters: ``"tel"`` (until :meth:`reset_telemetry`) or ``"step"`` (this step's, for PG)."""
-        vector = (self.tel_counters if which == "tel" else self.step_counters).clone()
-        e = self.num_experts
-        out = {"expert_tokens": vector[:e], "inactive_mass": vector[e : 2 * e]}
-        out.update({name: vector[2 * e + i] for i, name in enumerate(_SCALARS)})
-        out["max_load_fraction"] = out["expert_tokens"].max() / out["tokens"].clamp_min(1.0)
-        return out
-
-    def reset_telemetry(self) -> None:
-        self.tel_counters.zero_()
+        self._add_counts(counts, (probs.detach().double() * inactive).sum(0), n, training)  # summed in float64
 
     def reset_step(self) -> None:
         self.step_counters.zero_()
