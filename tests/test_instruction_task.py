@@ -227,3 +227,33 @@ def test_evaluate_reports_every_benchmark_and_the_mean(model: FederatedModel) ->
         assert m[f"{name}/acc"] == m[f"{name}/acc_gen"]  # both modes: generation is the main one
     assert result.main_metric == m["mean_acc"] == pytest.approx((m["boolq/acc"] + m["piqa/acc"]) / 2)
     assert m["mean_acc_ll"] == pytest.approx((m["boolq/acc_ll"] + m["piqa/acc_ll"]) / 2)
+
+
+def test_console_shows_the_means_per_tier_and_each_benchmark_as_a_row() -> None:
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from ubsmoe.callbacks.console import ConsoleTable
+    from ubsmoe.config import Tier
+
+    names = ["mean_acc", "mean_acc_gen", "mean_acc_lik"]
+    for b in BENCHMARKS:
+        names += [f"{b}/acc", f"{b}/acc_gen", f"{b}/acc_lik", f"{b}/no_answer"]
+    columns, rows = make_task().console_layout(names)
+    assert columns == ["mean_acc", "mean_acc_gen", "mean_acc_lik"]
+    assert rows == [f"{b}/acc" for b in BENCHMARKS]
+
+    tiers = [Tier("t25", 0.25, 0.5), Tier("t100", 1.0, 0.5)]
+    evaluation = {
+        t.name: SimpleNamespace(metrics={n: 0.25 + i for n in names}, k=2, rank=None, utilization={},
+                                flops_per_example=1e9)
+        for i, t in enumerate(tiers)
+    }  # fmt: skip
+    out = Console(width=200, record=True, force_terminal=False)
+    loop = SimpleNamespace(tiers=tiers, module=SimpleNamespace(task=make_task()))
+    ConsoleTable(out).on_round_end(loop, SimpleNamespace(round=3, evaluation=evaluation, updates=[]))
+    text = out.export_text()
+    assert "per metric and tier" in text and f"{next(iter(BENCHMARKS))}/acc " in text and "1.2500" in text
+    header = next(line for line in text.splitlines() if "tier" in line and "beta" in line)
+    assert "no_answer" not in text and "acc_gen" not in header.replace("mean_acc_gen", "")

@@ -10,7 +10,11 @@ from ubsmoe.fl.summary import RoundSummary, expert_entropy
 
 
 class ConsoleTable:
-    """Prints tier, beta, K / rank, the task metrics, train loss, GFLOPs and routing balance."""
+    """Prints tier, beta, K / rank, the task metrics, train loss, GFLOPs and routing balance.
+
+    Which metrics are columns is the task's choice (:meth:`~ubsmoe.tasks.base.Task.console_layout`);
+    the rest of a many-metric task's scores follow in a table with one row per metric.
+    """
 
     def __init__(self, console: Any = None) -> None:
         from ubsmoe.console import RunConsole
@@ -21,7 +25,9 @@ class ConsoleTable:
         if not summary.evaluation:
             return
         table = Table(title=f"round {summary.round}: global model per tier", show_lines=False)
-        metric_names = list(next(iter(summary.evaluation.values())).metrics)
+        task = getattr(loop.module, "task", None)
+        all_names = list(next(iter(summary.evaluation.values())).metrics)
+        metric_names, detail_names = task.console_layout(all_names) if task is not None else (all_names, [])
         for col in ("tier", "beta", "K", "rank", *metric_names, "train loss", "GFLOPs/ex", "balance"):
             table.add_column(col, justify="right")
         for tier_index, tier in enumerate(loop.tiers):
@@ -39,3 +45,10 @@ class ConsoleTable:
                 f"{sum(balance) / len(balance):.3f}" if balance else "-",
             )
         self.console.print(table)
+        if detail_names:
+            detail = Table(title=f"round {summary.round}: per metric and tier", show_lines=False)
+            for col in ("metric", *(t.name for t in loop.tiers)):
+                detail.add_column(col, justify="right")
+            for name in detail_names:
+                detail.add_row(name, *(f"{summary.evaluation[t.name].metrics[name]:.4f}" for t in loop.tiers))
+            self.console.print(detail)

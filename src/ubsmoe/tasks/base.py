@@ -55,6 +55,14 @@ class Task(ABC):
     def head_flops(self, hidden_size: int, seq_len: int) -> float:
         """Forward FLOPs of the head for one example of ``seq_len`` tokens."""
 
+    def console_layout(self, metric_names: list[str]) -> tuple[list[str], list[str]]:
+        """Which metrics the console shows: (columns of the per-tier table, rows of a per-metric table).
+
+        Every metric stays in ``metrics.jsonl``; a task with many metrics moves the detail into
+        the second table (one row per metric, one column per tier) so the first stays readable.
+        """
+        return metric_names, []
+
     def validation_step(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> None:
         """Accumulate one evaluation batch (tasks whose metrics accumulate per batch)."""
         raise NotImplementedError(f"{type(self).__name__} scores whole evaluation sets: use evaluate()")

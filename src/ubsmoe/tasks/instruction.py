@@ -286,6 +286,12 @@ class InstructionTask(Task):
     head = "causal_lm"
     main_metric = "mean_acc"
 
+    def console_layout(self, metric_names: list[str]) -> tuple[list[str], list[str]]:
+        """The means per tier in the table; each benchmark's accuracy (main mode) as a row of the second."""
+        means = [n for n in metric_names if n.startswith("mean_acc")]
+        per_benchmark = [n for n in metric_names if n.endswith("/acc")]
+        return means, per_benchmark
+
     def __init__(
         self,
         *,
