@@ -106,8 +106,31 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def overview_lines(summary: dict, *, reference: str = REFERENCE) -> list[str]:
+    """One table: a row per method, per tier the mean +- std over seeds; a mark where the paired
+    interval of ``reference`` against that method excludes 0 (``+``: reference better, ``-``: worse)."""
+    tiers = list(summary)
+    methods = list(dict.fromkeys(m for block in summary.values() for m in block["stats"]))
+    lines = ["| method | " + " | ".join(tiers) + " |", "|---|" + "---:|" * len(tiers)]
+    for method in methods:
+        cells = []
+        for tier in tiers:
+            stat = summary[tier]["stats"].get(method)
+            if stat is None:
+                cells.append("-")
+                continue
+            diff = summary[tier]["differences"].get(method)
+            mark = "" if diff is None or diff["inside_noise"] else (" (+)" if diff["mean"] > 0 else " (-)")
+            cells.append(f"{stat['mean']:.4f} ± {stat['std']:.4f}{mark}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_markdown(summary: dict, path: Path, *, title: str, reference: str = REFERENCE, level: float = 0.95) -> Path:
-    lines = [f"# {title}", ""]
+    pct = round(level * 100)
+    lines = [f"# {title}", "", f"Mean ± standard deviation over seeds; (+) / (-): {reference} is better / worse "
+             f"than that method with the {pct}% paired bootstrap interval excluding 0.", "",
+             *overview_lines(summary, reference=reference), ""]  # fmt: skip
     for tier, block in summary.items():
         lines += [f"## tier {tier}", "", "| method | mean | std | seeds | FLOPs / example (G) | FLOPs vs dense |",
                   "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -115,7 +138,6 @@ def write_markdown(summary: dict, path: Path, *, title: str, reference: str = RE
             lines.append(f"| {method} | {s['mean']:.4f} | {s['std']:.4f} | {s['n']} | "
                          f"{s['flops_per_example'] / 1e9:.3f} | {s['flops_ratio_to_dense']:.3f} |")  # fmt: skip
         if block["differences"]:
-            pct = round(level * 100)
             lines += ["", f"{reference} minus each method, paired on seeds, with a {pct}% bootstrap interval:", "",
                       "| against | difference | interval | seeds | inside the noise |", "|---|---:|---|---:|---|"]  # fmt: skip
             for method, d in block["differences"].items():
