@@ -42,7 +42,7 @@ bench: $(STAMP) ## speed and compute benchmarks, JSON into logs/bench/
 compare: $(STAMP) ## every method on the same split, one table per tier (experiment=compare)
 	$(PY) -m ubsmoe.compare $(ARGS)
 
-results: $(STAMP) ## every method over seeds 42,43,44 on experiment=results (about an hour): tables with bootstrap CIs, figures (logs/results/)
+results: $(STAMP) ## every method over seeds 42,43,44 on experiment=compare (about 2.5 hours here): tables with bootstrap CIs, figures (logs/results/)
 	$(PY) -m ubsmoe.results $(ARGS)
 
 ablation: $(STAMP) ## UB-SMoE with one switch changed at a time (DMR, PG parts, N_p), seed 42, compare budget (logs/ablation/)

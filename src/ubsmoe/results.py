@@ -13,7 +13,7 @@ bound of every tier), then writes into ``ROOT`` (default ``logs/results/<time>``
 - ``accuracy_vs_flops_<tier>.png``: per tier, each method a point (mean over seeds, error
   bar one standard deviation) at its FLOPs per example.
 
-Usage: python -m ubsmoe.results [--seeds 42,43,44] [--methods a,b] [--budget results]
+Usage: python -m ubsmoe.results [--seeds 42,43,44] [--methods a,b] [--budget compare]
        [--centralized] [--root DIR] [HYDRA_OVERRIDE ...]
        python -m ubsmoe.results --analyze-only --root DIR   (tables and figures from finished runs)
 """
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Every method over seeds; per-tier tables with bootstrap CIs.")
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--budget", default="results", help="experiment config naming the budget (configs/experiment)")
+    parser.add_argument("--budget", default="compare", help="experiment config naming the budget (configs/experiment)")
     parser.add_argument("--centralized", action="store_true", help="also run each tier's centralized bound per seed")
     parser.add_argument("--root", type=Path, default=None, help="output directory (default logs/results/<time>)")
     parser.add_argument("--analyze-only", action="store_true", help="only tabulate the runs already under --root")
