@@ -71,6 +71,9 @@ def test_ray_simulation_equals_local_and_stays_on_loopback(tmp_path: Path, glue_
                 "backend.mode=simulation",
                 "backend.num_workers=2",
                 "backend.client_cpus=1",
+                # Ray's actors import torch before they answer the first query: on a loaded
+                # machine that took more than the default 60 s, and every client then counted as failed
+                "backend.node_wait=600",
             )
         )
     try:
