@@ -23,15 +23,13 @@ Usage: python -m ubsmoe.ablation [--variants a,b] [--seed 42] [--budget compare]
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
 
-from ubsmoe.compare import TrainingFailed, last_evaluation, train
+from ubsmoe.compare import TrainingFailed, last_evaluation, train_once, write_csv
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DONE = "ablation.done"  # written after a variant finished; a re-run of the same --root skips it
 VARIANTS: dict[str, list[str]] = {
     "full": [],
     "no_dmr": ["method.dmr.enabled=false"],
@@ -62,11 +60,7 @@ def _cell(value: float | None, digits: int = 4) -> str:
 
 def write_tables(rows: list[dict], root: Path, *, title: str) -> tuple[Path, Path]:
     """``ablation.csv`` (every row) and ``ablation.md`` (metric per tier and mean; bias per tier)."""
-    csv_path = root / "ablation.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_path = write_csv(rows, root / "ablation.csv")
     tiers = list(dict.fromkeys(r["tier"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     cell = {(r["variant"], r["tier"]): r for r in rows}
@@ -113,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for variant in variants:
             run_dirs[variant] = root / variant
-            if (root / variant / DONE).is_file():
-                print(f"[ablation] {root / variant} is complete: kept", flush=True)
-                continue
-            train([*common, *VARIANTS[variant]], root / variant)
-            (root / variant / DONE).write_text("")
+            train_once([*common, *VARIANTS[variant]], root / variant, tag="ablation")
     except TrainingFailed as err:
         print(f"[ablation] {err}", file=sys.stderr)
         return err.returncode

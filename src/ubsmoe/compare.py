@@ -93,11 +93,7 @@ def comparison_rows(run_dirs: dict[str, Path]) -> tuple[list[str], list[dict]]:
 
 def write_tables(root: Path, tiers: list[str], rows: list[dict], title: str) -> tuple[Path, Path]:
     columns = ["method", *tiers, "mean", "weakest_flops_vs_dense", "round"]
-    csv_path = root / "comparison.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_path = write_csv(rows, root / "comparison.csv", columns=columns)
     lines = [
         f"# {title}",
         "",
@@ -127,6 +123,27 @@ def train(overrides: list[str], run_dir: Path) -> None:
     if proc.returncode != 0:
         raise TrainingFailed(cmd[1:], proc.returncode)
     print(f"[compare] finished in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+FINISHED = "run.done"  # written after a run finished; a later call on the same root keeps the run
+
+
+def train_once(overrides: list[str], run_dir: Path, *, tag: str) -> None:
+    """:func:`train` unless ``run_dir`` holds a finished run (an interrupted call is continued, not redone)."""
+    if (run_dir / FINISHED).is_file():
+        print(f"[{tag}] {run_dir} is complete: kept", flush=True)
+        return
+    train(overrides, run_dir)
+    (run_dir / FINISHED).write_text("")
+
+
+def write_csv(rows: list[dict], path: Path, *, columns: list[str] | None = None) -> Path:
+    """``rows`` as a CSV file with a header (``columns``, default the first row's keys in order)."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns or list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

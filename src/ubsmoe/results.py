@@ -21,7 +21,6 @@ Usage: python -m ubsmoe.results [--seeds 42,43,44] [--methods a,b] [--budget com
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -29,12 +28,19 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ubsmoe.compare import CENTRALIZED_DENSE, TrainingFailed, last_evaluation, run_centralized, train
+from ubsmoe.compare import (
+    CENTRALIZED_DENSE,
+    TrainingFailed,
+    last_evaluation,
+    run_centralized,
+    train,
+    train_once,
+    write_csv,
+)
 from ubsmoe.fl.strategies import METHODS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = "ubsmoe"
-DONE = "results.done"  # written after a run finished; a re-run of the same --root skips it
 
 
 def bootstrap_ci(differences: np.ndarray, *, level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -96,14 +102,6 @@ def summarize(rows: list[dict], *, reference: str = REFERENCE, level: float = 0.
                              "inside_noise": bool(low <= 0.0 <= high)}  # fmt: skip
         out[tier] = {"stats": stats, "differences": diffs}
     return out
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def overview_lines(summary: dict, *, reference: str = REFERENCE) -> list[str]:
@@ -212,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in [] if args.analyze_only else seeds:
             for method in methods:
                 run_dir = root / "runs" / method / f"seed{seed}"
-                if (run_dir / DONE).is_file():  # finished by an earlier, interrupted call on this root
-                    print(f"[results] {run_dir} is complete: kept", flush=True)
-                    continue
-                train([*common, f"method={method}", f"seed={seed}"], run_dir)
-                (run_dir / DONE).write_text("")
+                train_once([*common, f"method={method}", f"seed={seed}"], run_dir, tag="results")
             if args.centralized:
                 tiers = [r["tier"] for r in last_evaluation(root / "runs" / methods[0] / f"seed{seed}")]
                 bounds = run_centralized(root / "centralized" / f"seed{seed}", tiers, [*common, f"seed={seed}"], train)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ubsmoe.data.calibration import calibration_batches
+from ubsmoe.data.calibration import calibration_batches, round_robin_picks
 from ubsmoe.fl.client import load_payload
 
 PROBE_SEED = 12345
@@ -146,17 +146,7 @@ class GradBiasCallback:
     @staticmethod
     def _with_labels(clients: list[Any], n: int) -> dict[str, torch.Tensor]:
         """The labels of the same examples :func:`calibration_batches` picks (round robin over clients)."""
-        labels, position = [], 0
-        while len(labels) < n:
-            added = False
-            for client in clients:
-                if position < len(client.dataset) and len(labels) < n:
-                    labels.append(client.dataset[position]["labels"])
-                    added = True
-            if not added:
-                break
-            position += 1
-        return {"labels": torch.as_tensor(labels)}
+        return {"labels": torch.as_tensor([clients[c].dataset[i]["labels"] for c, i in round_robin_picks(clients, n)])}
 
     def on_round_end(self, loop: Any, summary: Any) -> None:
         if not self.probes or summary.round % self.every:

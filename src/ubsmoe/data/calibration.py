@@ -17,12 +17,8 @@ import torch
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def calibration_batches(clients: Sequence, num_examples: int, batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
-    """Up to ``num_examples`` training examples as padded model-input batches.
-
-    ``clients`` are :class:`~ubsmoe.data.datamodule.ClientDataModule` (a ``dataset`` of
-    tokenized rows and a padding ``collate_fn``).
-    """
+def round_robin_picks(clients: Sequence, num_examples: int) -> list[tuple[int, int]]:
+    """``(client index, example index)`` of up to ``num_examples`` examples: each client's first, then second, ..."""
     picks: list[tuple[int, int]] = []
     position = 0
     while len(picks) < num_examples:
@@ -34,8 +30,17 @@ def calibration_batches(clients: Sequence, num_examples: int, batch_size: int = 
         if not added:
             break
         position += 1
+    return picks
+
+
+def calibration_batches(clients: Sequence, num_examples: int, batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
+    """Up to ``num_examples`` training examples as padded model-input batches.
+
+    ``clients`` are :class:`~ubsmoe.data.datamodule.ClientDataModule` (a ``dataset`` of
+    tokenized rows and a padding ``collate_fn``).
+    """
     rows = []
-    for c, i in picks:
+    for c, i in round_robin_picks(clients, num_examples):
         row = clients[c].dataset[i]
         rows.append({k: row[k] for k in MODEL_INPUTS if k in row})
     collate = clients[0].collate_fn if clients else None
