@@ -1,0 +1,44 @@
+"""The allowed names of every registry and choice, in plain Python: the one place each list lives.
+
+The configuration check (:mod:`ubsmoe.validate`) reads the names from here without
+importing torch, Flower or the data loaders; each registry (strategies, backends, server
+optimizers, schedules, backbone adapters, benchmarks, ...) is keyed by the same names,
+and ``tests/test_layering.py`` checks that every registry has exactly the names listed
+here. Adding a method, a backend or an optimizer adds its name here once.
+"""
+
+from __future__ import annotations
+
+# method.name: the federated methods (ubsmoe.fl.strategies.STRATEGIES)
+METHODS = ("ubsmoe", "smoe", "smoe_llb", "flame", "fedit", "hetlora", "flexlora", "flora", "florist")
+# backend.name and backend.mode (ubsmoe.fl.backends.BACKENDS, ubsmoe.fl.backends.flower.HOSTS)
+BACKENDS = ("local", "flower")
+FLOWER_MODES = ("simulation", "deployment", "inprocess")
+# server.optimizer (ubsmoe.fl.server_optim.SERVER_OPTIMIZERS)
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+# optim.name and optim.schedule (ubsmoe.fl.schedule.SCHEDULES)
+CLIENT_OPTIMIZERS = ("adamw",)
+SCHEDULES = ("constant", "cosine", "step")
+SCHEDULES_NEEDING_TOTAL_ROUNDS = ("cosine",)
+# federation.faults.<kind> (ubsmoe.fl.faults.FaultInjection)
+FAULT_KINDS = ("fail", "nonfinite", "bad_shape", "straggler")
+# federation.partition (ubsmoe.data.partition)
+PARTITIONS = ("dirichlet", "iid")
+# model.adapter (ubsmoe.backbones.ADAPTERS) and data.kind (ubsmoe.assembly.RUN_KINDS)
+ADAPTERS = ("moefy", "native")
+DATA_KINDS = ("glue", "commonsense")
+# model.* of the moefy adapter (ubsmoe.tasks.classification, ubsmoe.smoe.moefy)
+POOLINGS = ("mean", "cls")
+ROUTER_INITS = ("centroid", "zeros", "fitted")
+MOEFY_METHODS = ("weights", "coactivation")
+# model.* of the native adapter
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+# data.* of data.kind=commonsense (ubsmoe.data.commonsense.BENCHMARKS, ubsmoe.tasks.instruction)
+BENCHMARKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
+EVAL_MODES = ("likelihood", "generation", "both")
+PARTITION_BY = ("source", "answer")
+# logger.* and fabric.*
+LOGGERS = ("wandb", "csv", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+ACCELERATORS = ("cpu", "cuda", "mps", "auto")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
