@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from ubsmoe.backbones.native import convert, native_blocks
+from ubsmoe.backbones.native_convert import convert, native_blocks
 from ubsmoe.smoe.lora import inject_peft_lora
 from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, pseudo_gradient_coefficients
 

@@ -12,7 +12,7 @@ import torchmetrics
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from ubsmoe.config import Tier
+from ubsmoe.settings import Tier
 from ubsmoe.fl.client import ClientSpec, ClientUpdate
 from ubsmoe.model import FederatedClassifier
 from ubsmoe.settings import MethodSettings, ModelSettings

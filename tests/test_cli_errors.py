@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers import PROJECT_ROOT, compose_config
 
-from ubsmoe.config import validate
+from ubsmoe.validate import validate
 from ubsmoe.errors import ConfigError
 from ubsmoe.schema import check_group_overrides, config_dir, group_options, run_groups
 
@@ -63,3 +63,14 @@ def test_sweep_lists_are_checked_option_by_option() -> None:
 
 def test_config_dir_is_the_repository_tree() -> None:
     assert config_dir() == PROJECT_ROOT / "configs"
+
+
+def test_choosing_a_server_optimizer_by_its_key_alone_is_refused_with_the_group_to_use() -> None:
+    # server.optimizer=fedadam alone would keep FedAvg's lr 1.0: a silent trap
+    with pytest.raises(ConfigError) as err:
+        check_group_overrides(["server.optimizer=fedadam"])
+    assert err.value.key == "server.optimizer" and "server=fedadam" in str(err.value)
+    with pytest.raises(ConfigError, match="one of"):
+        check_group_overrides(["server.optimizer=sgd"])
+    check_group_overrides(["server=fedadam", "server.optimizer=fedadam"])  # the preset itself: fine
+    check_group_overrides(["server=fedadam", "server.lr=0.1"])

@@ -11,7 +11,9 @@ import torch
 from helpers import build, compose_config
 from torch import nn
 
-from ubsmoe.config import Tier, optim_settings, validate
+from ubsmoe.settings import Tier, optim_settings
+
+from ubsmoe.validate import validate
 from ubsmoe.errors import ConfigError
 from ubsmoe.fl.client import ClientPayload, ClientSpec, proximal_term, train_client
 from ubsmoe.fl.schedule import lr_factor

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import compose_config
 
-from ubsmoe.fl.strategies import METHODS
+from ubsmoe.names import METHODS
 from ubsmoe.runner import run_experiment
 
 pytestmark = pytest.mark.slow

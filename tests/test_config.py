@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from helpers import compose_config
 
-from ubsmoe.config import Tier, parse_tiers, validate
+from ubsmoe.settings import Tier, parse_tiers
+
+from ubsmoe.validate import validate
 from ubsmoe.errors import ConfigError
 from ubsmoe.fl.client import assign_tiers, make_client_specs, make_tier_specs
 

@@ -13,7 +13,7 @@ import pytest
 from helpers import PROJECT_ROOT, build, compose_config, make_batch, run_train_cli
 
 from ubsmoe.callbacks.grad_bias import gradient_bias
-from ubsmoe.config import validate
+from ubsmoe.validate import validate
 from ubsmoe.errors import ConfigError
 from ubsmoe.fl.centralized import centralize
 from ubsmoe.results import bootstrap_ci, summarize

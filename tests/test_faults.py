@@ -11,7 +11,11 @@ import pytest
 import torch
 from helpers import compose_config, make_update
 
-from ubsmoe.config import Tier, fault_policy, validate
+from ubsmoe.assembly import fault_policy
+
+from ubsmoe.settings import Tier
+
+from ubsmoe.validate import validate
 from ubsmoe.errors import ConfigError
 from ubsmoe.fl.backends import ClientJob, ClientResult, LocalBackend
 from ubsmoe.fl.client import ClientPayload, ClientSpec

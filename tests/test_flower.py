@@ -18,7 +18,9 @@ import torch
 from flower_helpers import TINY, assert_same_final_state, assert_same_metrics
 from helpers import compose_config
 
-from ubsmoe.config import Tier, validate
+from ubsmoe.settings import Tier
+
+from ubsmoe.validate import validate
 from ubsmoe.errors import ConfigError
 from ubsmoe.fl.backends import BACKENDS, ClientJob, FlowerBackend, build_backend
 from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate
@@ -127,7 +129,7 @@ def stub_client_app(*, fail: int | None = None, slow: int | None = None, delay: 
     from flwr.app import Message
     from flwr.clientapp import ClientApp
 
-    from ubsmoe.fl.backends.flower_client import handle_query
+    from ubsmoe.apps.flower_client import handle_query
     from ubsmoe.fl.backends.flower_codec import decode_job, encode_update
 
     app = ClientApp()
@@ -213,7 +215,7 @@ def test_deployment_nodes_are_found_by_their_client_id() -> None:
 def test_a_supernode_refuses_a_client_it_does_not_hold() -> None:
     from flwr.app import Context, Message, RecordDict
 
-    from ubsmoe.fl.backends.flower_client import handle_train
+    from ubsmoe.apps.flower_client import handle_train
     from ubsmoe.fl.backends.flower_codec import TRAIN, encode_job
     from ubsmoe.fl.backends.flower_inprocess import InProcessGrid
 
@@ -263,7 +265,7 @@ def test_deployment_mode_writes_the_run_config_the_server_app_reads(
 
     from flwr.app import Context, RecordDict
 
-    from ubsmoe.fl.backends.flower_server import config_from_context
+    from ubsmoe.fl.backends.flower_config import config_from_run_config
 
     out = tmp_path / "run"
     result = _run(out, *TINY, "backend=flower", "backend.mode=deployment", glue_dir=glue_dir, cache_dir=cache_dir)
@@ -272,7 +274,7 @@ def test_deployment_mode_writes_the_run_config_the_server_app_reads(
     run_config = tomllib.loads((out / "flower_run_config.toml").read_text())
     assert set(run_config) == {"ubsmoe-config"}
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    cfg = config_from_context(context)
+    cfg = config_from_run_config(context.run_config)
     assert cfg.backend.mode == "deployment" and cfg.federation.num_clients == 6
     assert Path(cfg.paths.output_dir) == out.resolve() and Path(cfg.paths.cache_dir).is_absolute()
     # the FAB carries no data or model: far below Flower's 10 MB limit

@@ -76,7 +76,7 @@ def test_loopback_deployment_equals_local(tmp_path: Path, glue_dir: Path, cache_
     common = (*DEPLOYED, f"data.local_dir={glue_dir}", f"paths.cache_dir={cache_dir}")
     run_experiment(compose_config(*common, f"paths.output_dir={tmp_path / 'local'}"))
 
-    from ubsmoe.fl.backends.flower_server import write_run_config
+    from ubsmoe.fl.backends.flower_config import write_run_config
 
     home, run_dir = tmp_path / "flwr-home", tmp_path / "deployed"
     home.mkdir()

@@ -234,8 +234,8 @@ def test_console_shows_the_means_per_tier_and_each_benchmark_as_a_row() -> None:
 
     from rich.console import Console
 
-    from ubsmoe.callbacks.console import ConsoleTable
-    from ubsmoe.config import Tier
+    from ubsmoe.callbacks.console_table import ConsoleTable
+    from ubsmoe.settings import Tier
 
     names = ["mean_acc", "mean_acc_gen", "mean_acc_lik"]
     for b in BENCHMARKS:

@@ -9,7 +9,7 @@ import pytest
 from helpers import compose_config
 
 from ubsmoe.compare import comparison_rows, write_tables
-from ubsmoe.fl.strategies import METHODS
+from ubsmoe.names import METHODS
 from ubsmoe.runner import run_experiment
 
 pytestmark = pytest.mark.slow

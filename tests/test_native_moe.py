@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ubsmoe.backbones.native import convert, k_for_beta, native_blocks
+from ubsmoe.backbones.native_convert import convert, k_for_beta, native_blocks
 from ubsmoe.backbones.tiny import FAMILIES, tiny_config, tiny_model, tiny_tokenizer
 from ubsmoe.errors import ConfigError
 from ubsmoe.smoe.lora import inject_peft_lora
@@ -253,7 +253,7 @@ def test_tiny_tokenizer_encodes_any_text_and_pads_both_sides():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_analytic_flops_at_k_equal_flop_counter(family):
     """Analytic forward FLOPs (attention + router + K SwiGLU experts + shared expert + LoRA) = FlopCounterMode's."""
-    from ubsmoe.backbones.native import decoder_dims
+    from ubsmoe.backbones.native_convert import decoder_dims
     from ubsmoe.smoe.flops import decoder_flops_per_token, measure_flops
 
     model = tiny_model(family, seed=7, num_experts_per_tok=4)

@@ -23,8 +23,8 @@ from nbclient import NotebookClient
 from omegaconf import OmegaConf
 
 from ubsmoe import plots
-from ubsmoe.config import validate
-from ubsmoe.fl.strategies import METHODS
+from ubsmoe.validate import validate
+from ubsmoe.names import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

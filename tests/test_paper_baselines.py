@@ -11,10 +11,12 @@ from helpers import compose_config, make_update
 from torch import nn
 
 from ubsmoe.callbacks.metrics_writer import MetricsWriter
-from ubsmoe.config import Tier, method_settings, validate
+from ubsmoe.settings import Tier, method_settings
+from ubsmoe.validate import validate
 from ubsmoe.fl.client import ClientSpec, ClientUpdate, make_tier_specs
 from ubsmoe.fl.server import ServerState
-from ubsmoe.fl.strategies import METHODS, STRATEGIES, FedAvg, FedIT, FlexLoRA, FLoRA, FLoRIST, StrategyContext
+from ubsmoe.names import METHODS
+from ubsmoe.fl.strategies import STRATEGIES, build_strategy, FedAvg, FedIT, FlexLoRA, FLoRA, FLoRIST, StrategyContext
 from ubsmoe.fl.strategies.florist import energy_rank, stacked_svd, threshold_update
 from ubsmoe.fl.strategies.flora import stack
 from ubsmoe.fl.summary import RoundSummary
@@ -272,7 +274,7 @@ def test_florist_is_a_registered_method_in_compare_and_the_sweep() -> None:
     cfg = compose_config("method=florist")
     validate(cfg)
     method = method_settings(cfg)
-    strategy = STRATEGIES["florist"](method, StrategyContext(expert_tensor_names=[], lora_scaling=2.0, seed=0))
+    strategy = build_strategy(method, StrategyContext(expert_tensor_names=[], lora_scaling=2.0, seed=0))
     assert isinstance(strategy, FLoRIST) and strategy.tau == 0.9 and strategy.per_rank_scaling
     sweep = (Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "methods.yaml").read_text()
     assert "florist" in sweep

@@ -8,7 +8,9 @@ import pytest
 import torch
 from helpers import compose_config
 
-from ubsmoe.config import Tier, resolve_k_max, validate
+from ubsmoe.settings import Tier, resolve_k_max
+
+from ubsmoe.validate import validate
 from ubsmoe.errors import ConfigError
 from ubsmoe.fl.client import make_tier_specs
 from ubsmoe.smoe.routing import modulate, num_candidates, route

@@ -20,7 +20,7 @@ import torch
 
 from ubsmoe import plots
 from ubsmoe.callbacks.metrics_writer import MetricsWriter
-from ubsmoe.config import Tier
+from ubsmoe.settings import Tier
 from ubsmoe.fl.summary import RoundSummary, TierEvaluation
 
 FOUR_TIERS = (Tier("t25", 0.25, 0.25), Tier("t50", 0.5, 0.25), Tier("t75", 0.75, 0.25), Tier("t100", 1.0, 0.25))

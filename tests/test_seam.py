@@ -8,7 +8,7 @@ from helpers import compose_config
 
 from ubsmoe.backbones import build_adapter
 from ubsmoe.backbones.tiny import tiny_tokenizer
-from ubsmoe.config import validate
+from ubsmoe.validate import validate
 from ubsmoe.data.commonsense import BENCHMARKS
 from ubsmoe.errors import ConfigError
 from ubsmoe.model import FederatedModel

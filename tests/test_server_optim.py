@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import compose_config, make_update
 
-from ubsmoe.config import validate
+from ubsmoe.validate import validate
 from ubsmoe.errors import ConfigError
 from ubsmoe.fl.server import ServerState
 from ubsmoe.fl.server_optim import ServerOptimizer, build_server_optimizer
@@ -363,7 +363,7 @@ def test_bad_server_values_name_their_key(overrides: tuple[str, ...], key: str) 
 
 
 def test_every_method_takes_the_default_server_update() -> None:
-    from ubsmoe.fl.strategies import METHODS
+    from ubsmoe.names import METHODS
 
     for method in METHODS:
         validate(compose_config("experiment=smoke", f"method={method}"))

@@ -1,5 +1,5 @@
 """ClientApp: trains the client this SuperNode holds (``--node-config client-id=N``) with ``train_client``."""
 
-from ubsmoe.fl.backends.flower_client import make_client_app
+from ubsmoe.apps.flower_client import make_client_app
 
 app = make_client_app()

@@ -1,5 +1,5 @@
 """ServerApp: runs the project's round loop (``ubsmoe.runner.run_experiment``) on the SuperLink's Grid."""
 
-from ubsmoe.fl.backends.flower_server import make_server_app
+from ubsmoe.apps.flower_server import make_server_app
 
 app = make_server_app()

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ubsmoe.fl.strategies import METHODS
+from ubsmoe.names import METHODS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CENTRALIZED = "centralized"  # UB-SMoE on the pooled data, each tier trained and evaluated at its own K

@@ -33,7 +33,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ubsmoe.assembly import build_data, build_module, build_run_strategy, run_tier_specs
+from ubsmoe.data.glue import TASKS, GlueTask, build_metrics, get_task
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.centralized import centralize
+from ubsmoe.fl.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from ubsmoe.fl.client import load_payload
+from ubsmoe.fl.server import ServerState
+from ubsmoe.model import FederatedClassifier, resolve_backbone_path
+from ubsmoe.seeding import derive_seed
+from ubsmoe.settings import MethodSettings, ModelSettings
+from ubsmoe.validate import validate
 
 FORMAT = "ubsmoe-export-v1"
 MANIFEST = "manifest.json"
@@ -78,14 +88,6 @@ class _Run:
 
 
 def _load_run(run_dir: Path) -> _Run:
-    from ubsmoe.config import validate
-    from ubsmoe.data.glue import get_task
-    from ubsmoe.fl.centralized import centralize
-    from ubsmoe.fl.checkpoint import CHECKPOINT_FILE, load_checkpoint
-    from ubsmoe.fl.server import ServerState
-    from ubsmoe.runner import build_data, build_module, build_run_strategy, run_tier_specs
-    from ubsmoe.seeding import derive_seed
-
     config_file = run_dir / ".hydra" / "config.yaml"
     if not config_file.is_file():
         raise ConfigError("run_dir", str(run_dir), f"a run directory with {config_file.relative_to(run_dir)}")
@@ -100,7 +102,7 @@ def _load_run(run_dir: Path) -> _Run:
     # Built exactly as the run built it (a data-driven MoEfication reads the same training
     # text, or its cached result); a centralized run names only its own tier.
     cfg, tiers = centralize(cfg, validate(cfg))
-    data = build_data(cfg)
+    data = build_data(cfg, tiers)
     task = get_task(cfg.data.task)
     module = build_module(cfg, tiers, data)
     strategy = build_run_strategy(cfg, module)
@@ -139,7 +141,6 @@ def export_tier(run: _Run, tier_index: int, out: Path) -> Path:
     """Write one tier's model into ``out`` (created); returns ``out``."""
     from safetensors.torch import save_file
 
-    from ubsmoe.fl.client import load_payload
 
     spec = run.tier_specs[tier_index]
     payload = run.strategy.configure_client(run.server, spec)
@@ -241,10 +242,6 @@ def load_exported(path: str | Path) -> ExportedModel:
     """Rebuild an exported tier model; every file is checked against the manifest's checksum first."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
-
-    from ubsmoe.data.glue import TASKS, GlueTask, build_metrics
-    from ubsmoe.model import FederatedClassifier, resolve_backbone_path
-    from ubsmoe.settings import MethodSettings, ModelSettings
 
     root = Path(path)
     manifest_path = root / MANIFEST

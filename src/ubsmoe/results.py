@@ -37,7 +37,7 @@ from ubsmoe.compare import (
     train_once,
     write_csv,
 )
-from ubsmoe.fl.strategies import METHODS
+from ubsmoe.names import METHODS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = "ubsmoe"

@@ -8,7 +8,6 @@ and training starts.
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -17,10 +16,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ubsmoe.config import fault_policy, method_settings, model_settings, optim_settings, server_settings, validate
-from ubsmoe.console import RunConsole
+from ubsmoe.assembly import (
+    build_callbacks,
+    build_loggers,
+    build_module,
+    build_run_kind,
+    build_run_strategy,
+    fault_policy,
+    run_tier_specs,
+)
 from ubsmoe.data.report import partition_report
-from ubsmoe.fl.backends import ClientBackend, build_backend
+from ubsmoe.fl.backends import ClientBackend, FlowerBackend, build_backend
 from ubsmoe.fl.centralized import centralize
 from ubsmoe.fl.checkpoint import (
     RunInterrupted,
@@ -29,26 +35,19 @@ from ubsmoe.fl.checkpoint import (
     print_interrupted,
     resolve_resume,
 )
-from ubsmoe.fl.client import make_client_specs, make_tier_specs
+from ubsmoe.fl.client import make_client_specs
 from ubsmoe.fl.loop import FederatedLoop
 from ubsmoe.fl.schedule import NEEDS_TOTAL_ROUNDS
 from ubsmoe.fl.server import ClientSampler
 from ubsmoe.fl.server_optim import build_server_optimizer
-from ubsmoe.fl.strategies import StrategyContext, build_strategy
+from ubsmoe.run_console import RunConsole
+from ubsmoe.schema import flatten
 from ubsmoe.seeding import derive_seed
-from ubsmoe.tasks.kinds import build_run_kind
+from ubsmoe.settings import method_settings, model_settings, server_settings
+from ubsmoe.validate import validate
 
 # Keys that may change when a run is resumed: how long it runs and where it writes.
 RESUMABLE_KEYS = ("federation.rounds", "federation.eval_every")
-
-
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = value
-    return out
 
 
 def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
@@ -57,25 +56,11 @@ def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     assert isinstance(raw, dict)
     keep = {k: raw[k] for k in ("seed", "model", "method", "federation", "tiers", "optim", "server")}
     keep["data"] = {k: v for k, v in raw["data"].items() if k != "local_dir"}
-    flat = _flatten("", keep, {})
+    flat = flatten(keep)
     resumable = set(RESUMABLE_KEYS)
     if raw["optim"]["schedule"] in NEEDS_TOTAL_ROUNDS:  # the remaining rounds' rates depend on the total
         resumable.discard("federation.rounds")
     return {k: v for k, v in flat.items() if k not in resumable}
-
-
-def run_tier_specs(tiers: list[Any], module: Any) -> list[Any]:
-    """Each tier's K_c or r_c for this module and method (the runner's and the export's one definition)."""
-    method = module.method
-    return make_tier_specs(
-        tiers,
-        sparse=method.sparse,
-        hetero_rank=method.hetero_rank,
-        num_experts=module.model_settings.num_experts,  # M for moefy, the checkpoint's E for native
-        max_rank=module.model_settings.lora.rank,
-        k_max=module.k_max,  # K_c = floor(K_max * beta): model.k_max, else M (moefy) or the model's top-k (native)
-        homogeneous_rank=method.homogeneous_rank,
-    )
 
 
 def output_dir_of(cfg: DictConfig) -> Path:
@@ -108,26 +93,6 @@ def resume_command(output_dir: Path, checkpoint: Path | None = None) -> str:
     return shlex.join([sys.executable, script, *overrides, f"paths.output_dir={output_dir}", resume])
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Any]:
-    """Fabric loggers for ``logger.name``: W&B (offline unless asked), or none (metrics files only)."""
-    if cfg.logger.name != "wandb":
-        return []
-    from lightning.pytorch.loggers import WandbLogger
-
-    mode = os.environ.get("WANDB_MODE") or cfg.logger.mode
-    logger = WandbLogger(
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        name=f"{cfg.run_name}-seed{cfg.seed}",
-        save_dir=str(output_dir),
-        tags=list(cfg.logger.tags),
-        mode=mode,
-    )
-    # Under "cfg": a W&B sweep sets (and locks) top-level keys such as `method` itself.
-    logger.log_hyperparams({"cfg": OmegaConf.to_container(cfg, resolve=True)})
-    return [logger]
-
-
 def record_overrides(output_dir: Path) -> None:
     """Append this invocation's command-line overrides to ``overrides_history.jsonl``.
 
@@ -144,60 +109,6 @@ def record_overrides(output_dir: Path) -> None:
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "overrides": list(HydraConfig.get().overrides.task)}
     with (output_dir / "overrides_history.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def build_callbacks(cfg: DictConfig, module: Any, output_dir: Path, console: RunConsole) -> list[Any]:
-    from ubsmoe.callbacks.console import ConsoleTable
-    from ubsmoe.callbacks.dmr import DMRCallback
-    from ubsmoe.callbacks.expert_stats import ExpertStatsCallback
-    from ubsmoe.callbacks.metrics_writer import MetricsWriter
-
-    callbacks: list[Any] = []
-    if cfg.callbacks.dmr:
-        callbacks.append(DMRCallback(method_settings(cfg).dmr, module.phi_names()))
-    diagnostics = cfg.get("diagnostics") or {}
-    if diagnostics.get("every"):
-        from ubsmoe.callbacks.grad_bias import GradBiasCallback
-
-        # before the metrics writer: it adds fields to the round's records
-        callbacks.append(GradBiasCallback(diagnostics["every"], diagnostics["probe_examples"]))
-    if cfg.callbacks.metrics_writer:
-        callbacks.append(MetricsWriter(output_dir, method=cfg.method.name, task=cfg.data.task, seed=cfg.seed))
-    if cfg.callbacks.expert_stats:
-        callbacks.append(ExpertStatsCallback())
-    callbacks.append(ConsoleTable(console))
-    return callbacks
-
-
-def build_data(cfg: DictConfig) -> Any:
-    """The federated data of a run (checked, tokenized, partitioned): the runner's and every Flower worker's."""
-    tiers = validate(cfg)
-    kind = build_run_kind(cfg)
-    kind.check(cfg, model_settings(cfg), method_settings(cfg), tiers)
-    return kind.data(cfg, model_settings(cfg))
-
-
-def build_module(cfg: DictConfig, tiers: list[Any], data: Any) -> Any:
-    """The model of a run, initialised from ``derive_seed(seed, "init")``: equal in every process.
-
-    ``data`` is the run's federated data (:func:`build_data`): a construction fitted to the
-    task's text (``model.moefy``) reads its training examples, the same in every process.
-    """
-    kind = build_run_kind(cfg)
-    return kind.module(cfg, model_settings(cfg), method_settings(cfg), tiers, derive_seed(cfg.seed, "init"), data)
-
-
-def build_run_strategy(cfg: DictConfig, module: Any) -> Any:
-    """The method's strategy for a run (the server's; a Flower worker uses its client-side hooks)."""
-    model_cfg = module.model_settings
-    return build_strategy(
-        method_settings(cfg),
-        StrategyContext(
-            expert_tensor_names=module.expert_tensor_names(),
-            lora_scaling=model_cfg.lora.alpha / model_cfg.lora.rank,
-            seed=derive_seed(cfg.seed, "strategy"),
-        ),
-    )
 
 
 def run_experiment(cfg: DictConfig, backend: ClientBackend | None = None) -> float | None:
@@ -222,6 +133,11 @@ def run_experiment(cfg: DictConfig, backend: ClientBackend | None = None) -> flo
     kind.check(cfg, model_cfg, method_cfg, tiers)
     if backend is None:
         backend = build_backend(**OmegaConf.to_container(cfg.backend, resolve=True))
+    if isinstance(backend, FlowerBackend) and backend.client_app_factory is None:
+        # deferred: the ClientApp imports Flower, an optional dependency of backend=flower only
+        from ubsmoe.apps.flower_client import make_client_app
+
+        backend.client_app_factory = make_client_app
     data = kind.data(cfg, model_cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     console.log_to(output_dir / "train.log")

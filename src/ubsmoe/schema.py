@@ -43,11 +43,17 @@ def run_groups(root: Path | None = None) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in NOT_RUN_GROUPS)
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    out[prefix] = value
+def flatten(value: Any, prefix: str = "", *, groups: bool = False) -> dict[str, Any]:
+    """A nested mapping as ``{dotted.key: value}``: the leaves, and with ``groups`` every sub-mapping too."""
+    out: dict[str, Any] = {}
     if isinstance(value, dict):
+        if groups and prefix:
+            out[prefix] = value
         for k, v in value.items():
-            _flatten(f"{prefix}.{k}", v, out)
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k), groups=groups))
+    else:
+        out[prefix] = value
+    return out
 
 
 def _load(path: Path) -> Any:
@@ -64,7 +70,7 @@ def known_keys(root: Path | None = None) -> dict[str, bool]:
     root = root or config_dir()
     found: dict[str, Any] = {}
     for key, value in _load(root / "train.yaml").items():
-        _flatten(key, value, found)
+        found.update(flatten(value, key, groups=True))
     for group in run_groups(root):
         found[group] = {}
         for option in (root / group).glob("*.yaml"):
@@ -73,7 +79,7 @@ def known_keys(root: Path | None = None) -> dict[str, bool]:
                 found[group] = content  # a list-valued group (tiers): a leaf
                 continue
             for key, value in content.items():
-                _flatten(f"{group}.{key}", value, found)
+                found.update(flatten(value, f"{group}.{key}", groups=True))
     known: dict[str, bool] = {}
     for key, value in found.items():
         is_open = value is None or value == {}
@@ -91,7 +97,7 @@ def check_known_keys(cfg: DictConfig, root: Path | None = None) -> None:
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         if key != "hydra":
-            _flatten(key, value, flat)
+            flat.update(flatten(value, key, groups=True))
     for key in sorted(flat, key=lambda k: (k.count("."), k)):
         _check_key(key, flat[key], known)
 
@@ -122,6 +128,25 @@ def _as_typed(text: str) -> Any:
         return text
 
 
+# Keys whose value picks a group's preset: changing the key alone would keep the other
+# preset's values (server.optimizer=fedadam with FedAvg's lr 1.0 and no tau), so the group
+# itself must be chosen, which brings the preset's defaults.
+PRESET_KEYS = {"server.optimizer": "server"}
+
+
+def _check_preset_keys(overrides: list[str], root: Path) -> None:
+    chosen = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    for key, group in PRESET_KEYS.items():
+        value = chosen.get(key)
+        if value is None or value == chosen.get(group):
+            continue
+        if value in group_options(group, root):
+            allowed = f"set with {group}={value}, which brings that preset's defaults (lr, betas, tau, ...)"
+        else:
+            allowed = f"a preset chosen with {group}=<name>, one of {', '.join(group_options(group, root))}"
+        raise ConfigError(key, value, allowed)
+
+
 def check_group_overrides(overrides: list[str], root: Path | None = None) -> None:
     """Check ``group=option`` command-line overrides against the group's files, before Hydra composes.
 
@@ -130,6 +155,7 @@ def check_group_overrides(overrides: list[str], root: Path | None = None) -> Non
     """
     root = root or config_dir()
     groups = {p.name for p in root.iterdir() if p.is_dir()} - {"sweeps", "hydra"}
+    _check_preset_keys(overrides, root)
     for override in overrides:
         if "=" not in override or override.startswith("~"):
             continue

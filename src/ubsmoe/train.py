@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ubsmoe.errors import ConfigError
+from ubsmoe.runner import run_experiment
 from ubsmoe.schema import check_group_overrides, config_dir
 
 
@@ -28,8 +29,6 @@ def _fail(err: ConfigError, debug: bool) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from ubsmoe.runner import run_experiment
-
     try:
         return run_experiment(cfg)
     except ConfigError as err:

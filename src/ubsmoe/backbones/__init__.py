@@ -1,32 +1,21 @@
-"""Backbone adapters (DESIGN.md section 6): ``moefy`` (dense encoder cut into experts), ``native``
+"""Backbone adapters: ``moefy`` (dense encoder cut into experts), ``native``
 (a sparse decoder's own experts). ``model.adapter`` picks one by name from :data:`ADAPTERS`.
 
-:mod:`ubsmoe.backbones.native` holds ``convert()`` (HF sparse decoder -> UB-SMoE blocks, by
+:mod:`ubsmoe.backbones.native_convert` holds ``convert()`` (HF sparse decoder -> UB-SMoE blocks, by
 reference); :mod:`ubsmoe.backbones.tiny` builds tiny random models of each family and an
 offline tokenizer for tests and CPU demos.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from ubsmoe import names
 from ubsmoe.backbones.base import BackboneAdapter, BuiltBackbone
+from ubsmoe.backbones.moefy_adapter import MoefyAdapter
+from ubsmoe.backbones.native_adapter import NativeAdapter
 from ubsmoe.errors import ConfigError
 
-
-def _moefy() -> BackboneAdapter:
-    from ubsmoe.backbones.moefy_adapter import MoefyAdapter
-
-    return MoefyAdapter()
-
-
-def _native() -> BackboneAdapter:
-    from ubsmoe.backbones.native_adapter import NativeAdapter
-
-    return NativeAdapter()
-
-
-ADAPTERS: dict[str, Callable[[], BackboneAdapter]] = {"moefy": _moefy, "native": _native}
+ADAPTERS: dict[str, type[BackboneAdapter]] = {"moefy": MoefyAdapter, "native": NativeAdapter}
+assert tuple(ADAPTERS) == names.ADAPTERS, "ubsmoe.names.ADAPTERS and ADAPTERS must list the same adapters"
 
 
 def build_adapter(name: str) -> BackboneAdapter:

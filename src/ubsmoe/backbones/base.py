@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ubsmoe.errors import ConfigError
-from ubsmoe.settings import MethodSettings, ModelSettings
+from ubsmoe.settings import MethodSettings, ModelSettings, resolve_k_max
 
 HEADS = ("encoder", "causal_lm")
 
@@ -85,8 +85,6 @@ class BackboneAdapter(ABC):
 
     def k_max(self, config: Any, model: ModelSettings) -> int:
         """K_max: ``model.k_max`` checked against the expert count, else :meth:`default_k_max`."""
-        from ubsmoe.config import resolve_k_max
-
         value = getattr(model, "k_max", None)
         if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
             raise ConfigError("model.k_max", value, "null (the backbone's default) or an integer")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ubsmoe.backbones.native import check_native_config, decoder_dims
+from ubsmoe.backbones.native_convert import check_native_config, decoder_dims
 
 GiB = 1024**3
 

@@ -21,6 +21,8 @@ from torch import nn
 
 from ubsmoe.backbones.base import BackboneAdapter, BuiltBackbone, Calibration
 from ubsmoe.backbones.moefy_adapter import moe_options, quiet_transformers
+from ubsmoe.backbones.native_convert import check_native_config, convert, decoder_dims, native_blocks, num_experts_of
+from ubsmoe.backbones.tiny import FAMILIES, tiny_config, tiny_tokenizer
 from ubsmoe.errors import ConfigError
 from ubsmoe.seeding import derive_seed
 from ubsmoe.settings import MethodSettings, ModelSettings
@@ -43,8 +45,6 @@ def attention_projection_names(model: nn.Module, targets: list[str]) -> list[str
 def load_tokenizer(model: ModelSettings) -> Any:
     """The tokenizer of ``model.backbone`` (a tiny model gets the offline byte-level tokenizer)."""
     if model.backbone.startswith(TINY_PREFIX):
-        from ubsmoe.backbones.tiny import tiny_tokenizer
-
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
@@ -68,7 +68,6 @@ class NativeAdapter(BackboneAdapter):
             raise ConfigError("model.dtype", model.dtype, f"one of {list(DTYPES)}")
         if model.router_dtype is not None and model.router_dtype not in DTYPES:
             raise ConfigError("model.router_dtype", model.router_dtype, f"null or one of {list(DTYPES)}")
-        from ubsmoe.backbones.native import check_native_config
 
         config = self._config(model)
         check_native_config(config, model.k_max, model.backbone)
@@ -76,8 +75,6 @@ class NativeAdapter(BackboneAdapter):
 
     def _config(self, model: ModelSettings) -> Any:
         if model.backbone.startswith(TINY_PREFIX):
-            from ubsmoe.backbones.tiny import FAMILIES, tiny_config
-
             family = model.backbone.removeprefix(TINY_PREFIX)
             if family not in FAMILIES:
                 raise ConfigError("model.backbone", model.backbone, f"tiny:<family> with family in {list(FAMILIES)}")
@@ -92,8 +89,6 @@ class NativeAdapter(BackboneAdapter):
             ) from err
 
     def num_experts(self, config: Any, model: ModelSettings) -> int:
-        from ubsmoe.backbones.native import num_experts_of
-
         return num_experts_of(config)
 
     def default_k_max(self, config: Any, model: ModelSettings) -> int:
@@ -115,7 +110,6 @@ class NativeAdapter(BackboneAdapter):
         self, model: ModelSettings, method: MethodSettings, *, head: str, num_tiers: int, init_seed: int,
         calibration: Calibration | None = None,
     ) -> BuiltBackbone:  # fmt: skip
-        from ubsmoe.backbones.native import convert, native_blocks
 
         config = self.check(model, method, head)
         net = self._load(model, config, init_seed)
@@ -175,7 +169,6 @@ class NativeAdapter(BackboneAdapter):
     # ------------------------------------------------------------------ FLOPs
     def _per_token(self, built: BuiltBackbone, seq_len: int, *, k: int, lora_rank: int) -> float:
         """Matrix-product FLOPs per token (:func:`ubsmoe.smoe.flops.decoder_flops_per_token`, LM head included)."""
-        from ubsmoe.backbones.native import decoder_dims
 
         dims = decoder_dims(built.extras["config"], self.attention_lora_shapes(built))
         return decoder_flops_per_token(

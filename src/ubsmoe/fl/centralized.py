@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ubsmoe.config import Tier
+from ubsmoe.settings import Tier
 
 
 def centralize(cfg: DictConfig, tiers: list[Tier]) -> tuple[DictConfig, list[Tier]]:
     """The config (changed in place) and tiers of the centralized run equivalent to ``cfg``.
 
-    Nothing changes unless ``federation.centralized``. ``cfg`` was validated (:func:`ubsmoe.config.validate` checks the tier name and that the
+    Nothing changes unless ``federation.centralized``. ``cfg`` was validated (:func:`ubsmoe.validate.validate` checks the tier name and that the
     budget is in local steps).
     """
     if not OmegaConf.select(cfg, "federation.centralized", default=False):

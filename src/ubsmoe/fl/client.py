@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ubsmoe.config import Tier
+from ubsmoe.settings import Tier
 from ubsmoe.fl.faults import FaultInjection, InjectedFailure, NonFiniteLoss, inject_bad_shape, inject_nonfinite
 from ubsmoe.fl.schedule import lr_factor
 from ubsmoe.seeding import derive_seed

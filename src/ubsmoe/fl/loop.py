@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ubsmoe.config import Tier
+from ubsmoe.settings import Tier
 from ubsmoe.errors import ConfigError
 from ubsmoe.fl.backends import ClientBackend, ClientJob, LocalBackend
 from ubsmoe.fl.checkpoint import CHECKPOINT_DIR, CheckpointStore, SignalGuard, pause_for_test

@@ -1,5 +1,5 @@
 """Tasks (DESIGN.md section 6): ``classification`` (GLUE) and ``instruction`` (causal LM, commonsense QA).
 
-A task owns the head, the loss, the batch format and the evaluation; :mod:`ubsmoe.tasks.kinds`
+A task owns the head, the loss, the batch format and the evaluation; :mod:`ubsmoe.assembly`
 puts a task, its data and a backbone adapter together for the runner.
 """

@@ -9,6 +9,7 @@ depend on where or in which order the clients ran.
 
 from __future__ import annotations
 
+from ubsmoe import names
 from ubsmoe.fl.backends.base import ClientBackend, ClientJob, ClientResult
 from ubsmoe.fl.backends.flower import FlowerBackend
 from ubsmoe.fl.backends.local import LocalBackend
@@ -16,6 +17,7 @@ from ubsmoe.fl.backends.local import LocalBackend
 # ``backend.name`` -> the class that runs it (the allowed names derive from this registry).
 # ``flower`` imports Flower only when built (the core install has no flwr).
 BACKENDS: dict[str, type[ClientBackend]] = {"local": LocalBackend, "flower": FlowerBackend}
+assert tuple(BACKENDS) == names.BACKENDS, "ubsmoe.names.BACKENDS and BACKENDS must list the same backends"
 
 
 def build_backend(name: str, **options: object) -> ClientBackend:

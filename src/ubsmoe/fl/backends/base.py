@@ -5,14 +5,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from ubsmoe.fl.loop import FederatedLoop
 
 T = TypeVar("T")
 
@@ -44,22 +44,33 @@ class ClientResult:
         return self.update is not None and self.error is None
 
 
+class RoundContext(Protocol):
+    """What a backend reads of the round loop that drives it (:class:`ubsmoe.fl.loop.FederatedLoop`)."""
+
+    fabric: Any
+    module: Any
+    data: Any
+    strategy: Any
+    seed: int
+    rounds: int
+    local_steps: int | None
+    local_epochs: int | None
+    prox_mu: float
+    faults: Any
+    output_dir: Path | None
+
+
 class ClientBackend(ABC):
     """Trains the sampled clients of a round. ``start`` is called once with the loop, ``close`` at the end."""
 
     name: str = "base"
-
-    @classmethod
-    def check_config(cls, cfg: DictConfig) -> None:
-        """Check this backend's keys of the composed config (called by ``config.validate``)."""
-        del cfg
 
     def launch(self, cfg: DictConfig, run: Callable[[], T]) -> T:
         """Host the run: by default call ``run`` here; a backend that needs a host (a Flower ServerApp) wraps it."""
         del cfg
         return run()
 
-    def start(self, loop: FederatedLoop) -> None:
+    def start(self, loop: RoundContext) -> None:
         """Bind to the loop (module, data, strategy, budgets); called once before the first round."""
         self.loop = loop
 

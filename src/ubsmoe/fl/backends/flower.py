@@ -28,13 +28,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ubsmoe.fl.backends.base import ClientBackend, ClientJob, ClientResult
+from ubsmoe import names
+from ubsmoe.fl.backends.base import ClientBackend, ClientJob, ClientResult, RoundContext
+from ubsmoe.fl.backends.flower_config import config_yaml_of, write_run_config
 from ubsmoe.fl.backends.flower_env import prepare_flower_env, require_flwr
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from ubsmoe.fl.loop import FederatedLoop
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class FlowerBackend(ClientBackend):
         client_gpus: float = 0.0,
         node_wait: float = 60.0,
         grid: Any = None,
+        client_app_factory: Callable[[str], Any] | None = None,
     ) -> None:
         require_flwr()
         self.mode = mode
@@ -62,21 +64,13 @@ class FlowerBackend(ClientBackend):
         self.client_gpus = float(client_gpus)
         self.node_wait = float(node_wait)
         self.grid = grid
+        # Builds the ClientApp from the run's config YAML (simulation and in-process hosts). The
+        # app layer above passes it in (ubsmoe.apps.flower_client.make_client_app), so this
+        # transport never imports the code that builds models.
+        self.client_app_factory = client_app_factory
         self.round_timeout: float | None = None
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.last_bytes: dict[int, tuple[int, int]] = {}  # client id -> Flower-encoded (down, up) bytes, last round
-
-    # ------------------------------------------------------------------ configuration
-    @classmethod
-    def check_config(cls, cfg: DictConfig) -> None:
-        from ubsmoe.config import _require_choice, _require_float, _require_int
-
-        require_flwr()
-        _require_choice(cfg, "backend.mode", tuple(HOSTS))
-        _require_int(cfg, "backend.num_workers", 1)
-        _require_float(cfg, "backend.client_cpus", 0.0, low_open=True)
-        _require_float(cfg, "backend.client_gpus", 0.0)
-        _require_float(cfg, "backend.node_wait", 0.0)
 
     # ------------------------------------------------------------------ hosting
     def launch(self, cfg: DictConfig, run: Callable[[], T]) -> T:
@@ -87,7 +81,7 @@ class FlowerBackend(ClientBackend):
             return run()
         return HOSTS[self.mode](self, cfg, run)
 
-    def start(self, loop: FederatedLoop) -> None:
+    def start(self, loop: RoundContext) -> None:
         super().start(loop)
         if self.grid is None:
             raise RuntimeError("FlowerBackend has no Grid: it runs inside a Flower ServerApp (see launch)")
@@ -215,14 +209,20 @@ class FlowerBackend(ClientBackend):
 
 
 # ---------------------------------------------------------------------- hosts
+def _client_app(backend: FlowerBackend, cfg: DictConfig) -> Any:
+    """The ClientApp of this run, from the factory the app layer handed the backend."""
+    if backend.client_app_factory is None:
+        raise RuntimeError("FlowerBackend.client_app_factory is not set: build runs through ubsmoe.runner")
+    return backend.client_app_factory(config_yaml_of(cfg))
+
+
 def host_inprocess(backend: FlowerBackend, cfg: DictConfig, run: Callable[[], T]) -> T:
     """An in-process Grid with one node per client; the ClientApp runs in this process."""
-    from ubsmoe.fl.backends.flower_client import config_yaml_of, make_client_app
-    from ubsmoe.fl.backends.flower_inprocess import InProcessGrid
+    from ubsmoe.fl.backends.flower_inprocess import InProcessGrid  # deferred: imports Flower
 
     num_clients = int(cfg.federation.num_clients)
     nodes = [{"partition-id": cid, "num-partitions": num_clients} for cid in range(num_clients)]
-    backend.grid = InProcessGrid(make_client_app(config_yaml_of(cfg)), nodes)
+    backend.grid = InProcessGrid(_client_app(backend, cfg), nodes)
     return run()
 
 
@@ -245,8 +245,6 @@ def host_simulation(backend: FlowerBackend, cfg: DictConfig, run: Callable[[], T
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from ubsmoe.fl.backends.flower_client import config_yaml_of, make_client_app
-
     outcome: list[T] = []
     server_app = ServerApp()
 
@@ -258,7 +256,7 @@ def host_simulation(backend: FlowerBackend, cfg: DictConfig, run: Callable[[], T
 
     run_simulation(
         server_app=server_app,
-        client_app=make_client_app(config_yaml_of(cfg)),
+        client_app=_client_app(backend, cfg),
         num_supernodes=int(cfg.federation.num_clients),
         backend_config=ray_backend_config(backend),  # type: ignore[arg-type]
     )
@@ -271,8 +269,6 @@ def host_simulation(backend: FlowerBackend, cfg: DictConfig, run: Callable[[], T
 def host_deployment(backend: FlowerBackend, cfg: DictConfig, run: Callable[[], T]) -> T | None:
     """Outside a SuperLink a deployment cannot start here: write the run config and say how to start it."""
     del backend, run
-    from ubsmoe.fl.backends.flower_server import write_run_config
-
     path = write_run_config(cfg, Path(cfg.paths.output_dir) / "flower_run_config.toml")
     app = Path(__file__).resolve().parents[4] / "flower-app"  # the checkout's Flower App folder
     print(
@@ -289,4 +285,5 @@ HOSTS: dict[str, Callable[..., Any]] = {
     "deployment": host_deployment,
     "inprocess": host_inprocess,
 }
+assert tuple(HOSTS) == names.FLOWER_MODES, "ubsmoe.names.FLOWER_MODES and HOSTS must list the same modes"
 

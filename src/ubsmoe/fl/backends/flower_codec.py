@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ubsmoe.config import Tier
+from ubsmoe.settings import Tier
 from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate, Tensors
 
 TRAIN = "train"  # message type of a client's local-training job

@@ -10,24 +10,46 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate, tensor_bytes
 from ubsmoe.fl.server import ServerState
+from ubsmoe.settings import MethodSettings
 
 Tensors = dict[str, torch.Tensor]
 
 
-class Strategy(ABC):
-    """Base class of every federated method."""
+@dataclass(frozen=True)
+class StrategyContext:
+    """What a strategy may need from the model and the run besides the method settings."""
 
-    name: str = "base"
+    expert_tensor_names: list[str]
+    lora_scaling: float  # alpha / r of the full-rank adapters
+    seed: int  # the strategy's own seed (e.g. FLoRA's fresh adapters)
+
+
+class Strategy(ABC):
+    """Base class of every federated method.
+
+    ``name`` is the method the strategy serves (``method.name``, set by
+    :func:`ubsmoe.fl.strategies.build_strategy`); one class may serve several methods that
+    differ only in their client-side settings (UB-SMoE, SMoE, SMoE+LLB and FLAME).
+    """
+
+    name: str = "unnamed"
     # True when the new global state is an average of the clients' states, so that its
     # change is a pseudo-gradient a server optimizer may apply (ubsmoe.fl.server_optim).
     # Opt-in: a method that merges or re-factorises keeps plain replacement.
     supports_server_optimizer: bool = False
+
+    @classmethod
+    def from_settings(cls, method: MethodSettings, ctx: StrategyContext) -> Strategy:
+        """The strategy of ``method`` (a subclass with constructor arguments overrides this)."""
+        del method, ctx
+        return cls()
 
     def client_spec(self, spec: ClientSpec) -> ClientSpec:
         """The compute shape a client trains with this round (HetLoRA lowers r_c after self-pruning)."""

@@ -10,7 +10,6 @@ from ubsmoe.fl.strategies.base import Strategy, example_weights, weighted_mean
 class FedAvg(Strategy):
     """w_c = n_c / sum n; every tensor is the weighted mean of the clients' tensors."""
 
-    name = "fedavg"
     supports_server_optimizer = True
 
     def aggregate(self, server: ServerState, updates: list[ClientUpdate]) -> None:

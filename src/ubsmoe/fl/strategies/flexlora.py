@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import torch
 
+from ubsmoe.fl.strategies.base import StrategyContext
 from ubsmoe.fl.strategies.lora_pairs import LoraRankStrategy, pair_rank
+from ubsmoe.settings import MethodSettings
 
 
 
@@ -78,10 +80,13 @@ def svd_factors(
 class FlexLoRA(LoraRankStrategy):
     """Aggregate the full update dW, hand each client the top-r_c SVD factors of it."""
 
-    name = "flexlora"
     # The global pair is the SVD factorisation of the aggregated product, not a mean of the
     # clients' factors: their difference to the previous factors is no pseudo-gradient.
     supports_server_optimizer = False
+
+    @classmethod
+    def from_settings(cls, method: MethodSettings, ctx: StrategyContext) -> FlexLoRA:
+        return cls(scaling=ctx.lora_scaling, lora_scaling=method.lora_scaling)
 
     def __init__(self, *, scaling: float = 1.0, lora_scaling: str = "max_rank") -> None:
         if not scaling > 0:

@@ -44,6 +44,7 @@ import torch
 
 from ubsmoe.fl.client import ClientPayload, ClientSpec, tensor_bytes
 from ubsmoe.fl.server import ServerState
+from ubsmoe.fl.strategies.base import StrategyContext
 from ubsmoe.fl.strategies.lora_pairs import (
     LoraRankStrategy,
     find_lora_pairs,
@@ -51,6 +52,7 @@ from ubsmoe.fl.strategies.lora_pairs import (
     truncate_state,
 )
 from ubsmoe.seeding import derive_seed
+from ubsmoe.settings import MethodSettings
 from ubsmoe.smoe.lora import lora_a_bound
 
 Tensors = dict[str, torch.Tensor]
@@ -100,10 +102,13 @@ class FLoRA(LoraRankStrategy):
     seeds the fresh adapters; ``init`` is ``independent`` (one per client) or ``shared``.
     """
 
-    name = "flora"
     # The aggregate is merged into the frozen weights and the pair restarts from a fresh
     # init every round: there is no averaged state whose change a server optimizer could step.
     supports_server_optimizer = False
+
+    @classmethod
+    def from_settings(cls, method: MethodSettings, ctx: StrategyContext) -> FLoRA:
+        return cls(scaling=ctx.lora_scaling, seed=ctx.seed, lora_scaling=method.lora_scaling, init=method.flora_init)
 
     def __init__(self, *, scaling: float, seed: int, lora_scaling: str = "max_rank", init: str = "shared") -> None:
         if not scaling > 0:

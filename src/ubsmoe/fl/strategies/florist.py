@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import torch
 
+from ubsmoe.fl.strategies.base import StrategyContext
 from ubsmoe.fl.strategies.flora import FLoRA, stack
+from ubsmoe.settings import MethodSettings
 
 
 def stacked_svd(
@@ -76,7 +78,13 @@ def threshold_update(
 class FLoRIST(FLoRA):
     """FLoRA's fresh adapters and merged deltas, with the SVD-thresholded stack as each round's update."""
 
-    name = "florist"
+
+    @classmethod
+    def from_settings(cls, method: MethodSettings, ctx: StrategyContext) -> FLoRIST:
+        return cls(
+            scaling=ctx.lora_scaling, seed=ctx.seed, tau=method.energy_threshold, lora_scaling=method.lora_scaling,
+            init=method.flora_init,
+        )  # fmt: skip
 
     def __init__(
         self, *, scaling: float, seed: int, tau: float = 0.9, lora_scaling: str = "per_rank", init: str = "independent"

@@ -41,6 +41,7 @@ from torch import nn
 
 from ubsmoe.fl.client import ClientSpec, ClientUpdate
 from ubsmoe.fl.server import ServerState
+from ubsmoe.fl.strategies.base import StrategyContext
 from ubsmoe.fl.strategies.lora_pairs import (
     LoraRankStrategy,
     find_lora_pairs,
@@ -48,6 +49,7 @@ from ubsmoe.fl.strategies.lora_pairs import (
     pair_rank,
     resolve_rank,
 )
+from ubsmoe.settings import MethodSettings
 
 
 def tail_start(rank: int, gamma: float) -> int:
@@ -136,8 +138,14 @@ class HetLoRA(LoraRankStrategy):
     ``gamma`` is the self-pruning decay factor (None: no pruning).
     """
 
-    name = "hetlora"
     supports_server_optimizer = True  # A and B are (sparsity-)weighted means of the padded factors
+
+    @classmethod
+    def from_settings(cls, method: MethodSettings, ctx: StrategyContext) -> HetLoRA:
+        del ctx
+        strategy = cls(gamma=method.self_pruning.gamma, strength=method.self_pruning.strength)
+        strategy.set_lora_scaling(method.lora_scaling)
+        return strategy
 
     def __init__(self, *, gamma: float | None = None, strength: float = 0.0) -> None:
         if gamma is not None:

@@ -272,25 +272,3 @@ class LoraRankStrategy(Strategy):
             ratio = self.scale_ratio(rank, pair_rank(update.state[a_name], update.state[b_name]))
             out.append((a, b if ratio == 1.0 else b * ratio))
         return out
-
-
-class FedIT(LoraRankStrategy):
-    """FedIT: one rank for every client (r, or the smallest tier's r_c), the n_c-weighted mean of A and of B.
-
-    The same numbers as FedAvg over the whole state; as a rank strategy it truncates the
-    payload and counts bytes at the rank the clients train (``method.homogeneous_rank``).
-    """
-
-    name = "fedit"
-
-    def merge_pair(
-        self,
-        prefix: str,
-        client: list[tuple[torch.Tensor, torch.Tensor]],
-        weights: torch.Tensor,
-        global_a: torch.Tensor,
-        global_b: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        full = pair_rank(global_a, global_b)
-        padded = [pad_pair(a, b, full) for a, b in client]
-        return weighted_mean([a for a, _ in padded], weights), weighted_mean([b for _, b in padded], weights)

@@ -20,23 +20,25 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ubsmoe.fl.backends.flower_env import prepare_flower_env
 
 prepare_flower_env()
 
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from ubsmoe.assembly import build_data, build_module, build_run_strategy, fault_policy  # noqa: E402
 from ubsmoe.fl.backends.flower_codec import QUERY, TRAIN, decode_job, encode_update  # noqa: E402
+from ubsmoe.fl.backends.flower_config import config_from_run_config  # noqa: E402
 from ubsmoe.fl.client import train_client  # noqa: E402
+from ubsmoe.settings import parse_tiers  # noqa: E402
 
-RUN_CONFIG_KEY = "ubsmoe-config"  # the run config entry holding the resolved Hydra config (YAML)
 CLIENT_ID_KEYS = ("client-id", "partition-id")  # deployment: --node-config client-id=N; simulation: partition-id
-NODE_PATH_KEYS = {"data-dir": "data.local_dir", "cache-dir": "paths.cache_dir"}
 
 
 @dataclass
@@ -64,33 +66,16 @@ def node_client_id(context: Context) -> int | None:
 
 
 def config_for(config_yaml: str | None, context: Context) -> DictConfig:
-    """The run's resolved config, with this node's data paths (``--node-config data-dir=...``)."""
-    text = config_yaml if config_yaml is not None else str(context.run_config.get(RUN_CONFIG_KEY, ""))
-    if not text:
-        raise RuntimeError(
-            f"no UB-SMoE config: pass it with `flwr run ... --run-config` (key {RUN_CONFIG_KEY!r}); "
-            "see docs/flower.md"
-        )
-    cfg = OmegaConf.create(text)
-    assert isinstance(cfg, DictConfig)
-    for node_key, cfg_key in NODE_PATH_KEYS.items():
-        if node_key in context.node_config:
-            OmegaConf.update(cfg, cfg_key, str(context.node_config[node_key]))
-    return cfg
+    """The run's resolved config (bound, or from the run config), with this node's data paths."""
+    return config_from_run_config(context.run_config, context.node_config, text=config_yaml)
 
 
 def build_worker(cfg: DictConfig) -> Worker:
     """Module, data, Fabric and strategy of a run, built the way the runner builds them."""
-    import lightning as L
-    import torch
-
-    from ubsmoe.config import fault_policy, parse_tiers
-    from ubsmoe.runner import build_data, build_module, build_run_strategy
-
     tiers = parse_tiers(cfg.tiers)
     if cfg.fabric.num_threads:
         torch.set_num_threads(int(cfg.fabric.num_threads))
-    data = build_data(cfg)
+    data = build_data(cfg, tiers)
     module = build_module(cfg, tiers, data)
     fabric = L.Fabric(accelerator=cfg.fabric.accelerator, devices=cfg.fabric.devices, precision=cfg.fabric.precision)
     fabric.setup_module(module)
@@ -161,20 +146,5 @@ def make_client_app(config_yaml: str | None = None) -> ClientApp:
     return app
 
 
-def absolute_paths(cfg: DictConfig) -> DictConfig:
-    """The config with its data and cache paths absolute, so workers in other directories find them."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    assert isinstance(out, DictConfig)
-    for key in ("data.local_dir", "paths.cache_dir", "paths.root_dir", "paths.log_dir", "paths.output_dir"):
-        value = OmegaConf.select(out, key)
-        if value:
-            OmegaConf.update(out, key, str(Path(str(value)).expanduser().resolve()))
-    return out
 
-
-def config_yaml_of(cfg: DictConfig) -> str:
-    """The resolved config as the YAML text a ClientApp (or a deployed ServerApp) rebuilds it from."""
-    return OmegaConf.to_yaml(absolute_paths(cfg))
-
-
-__all__ = ["QUERY", "RUN_CONFIG_KEY", "TRAIN", "config_yaml_of", "make_client_app"]
+__all__ = ["QUERY", "TRAIN", "make_client_app"]

@@ -1,4 +1,6 @@
-"""Native backbone adapter: a transformers 5 sparse decoder -> UB-SMoE sparse blocks, by reference.
+"""Conversion of a transformers 5 sparse decoder into UB-SMoE sparse blocks, by reference.
+
+The adapter that uses it is :mod:`ubsmoe.backbones.native_adapter`.
 
 :func:`convert` replaces every sparse ``layer.mlp`` of an OLMoE, Qwen2-MoE, Qwen3-MoE or
 Mixtral model by a :class:`~ubsmoe.smoe.native_layer.NativeSparseMoE` that holds the
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from ubsmoe.errors import ConfigError
+from ubsmoe.settings import Tier
 from ubsmoe.smoe.flops import DecoderDims
 from ubsmoe.smoe.layer import Activation, MoEOptions
 from ubsmoe.smoe.native_layer import NativeRouting, NativeSparseMoE
@@ -99,9 +102,7 @@ def decoder_dims(config, attention_lora: tuple[tuple[int, int], ...] = ()) -> De
 
 
 def k_for_beta(k_max: int, beta: float) -> int:
-    """``K_c = max(1, floor(K_max * beta))``: :meth:`ubsmoe.config.Tier.num_experts_active` applied to K_max."""
-    from ubsmoe.config import Tier  # imported here: the config module may come to import this one
-
+    """``K_c = max(1, floor(K_max * beta))``: :meth:`ubsmoe.settings.Tier.num_experts_active` applied to K_max."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < float(beta) <= 1.0:
         raise ConfigError("tiers.beta", beta, "a compute budget in (0, 1]")
     return Tier(name="", beta=float(beta), share=1.0).num_experts_active(k_max)

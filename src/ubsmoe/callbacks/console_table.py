@@ -7,6 +7,7 @@ from typing import Any
 from rich.table import Table
 
 from ubsmoe.fl.summary import RoundSummary, expert_entropy
+from ubsmoe.run_console import RunConsole
 
 
 class ConsoleTable:
@@ -17,8 +18,6 @@ class ConsoleTable:
     """
 
     def __init__(self, console: Any = None) -> None:
-        from ubsmoe.console import RunConsole
-
         self.console = console or RunConsole()
 
     def on_round_end(self, loop: Any, summary: RoundSummary) -> None:

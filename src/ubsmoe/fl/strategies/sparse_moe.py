@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import torch
 
-TIER_SCALE_SUFFIX = ".tier_scale"
-
 from ubsmoe.fl.client import ClientUpdate
 from ubsmoe.fl.server import ServerState, owning_layer
-from ubsmoe.fl.strategies.base import Strategy, example_weights, weighted_mean
+from ubsmoe.fl.strategies.base import Strategy, StrategyContext, example_weights, weighted_mean
+from ubsmoe.settings import MethodSettings
+
+TIER_SCALE_SUFFIX = ".tier_scale"
 
 
 class SparseMoEStrategy(Strategy):
     """FedAvg with activation-aware expert weights (exponent ``t``) and activation-weighted PG defaults."""
 
-    name = "sparse_moe"
     supports_server_optimizer = True  # weighted means (phi is left to DMR by the loop)
+
+    @classmethod
+    def from_settings(cls, method: MethodSettings, ctx: StrategyContext) -> SparseMoEStrategy:
+        return cls(ctx.expert_tensor_names, exponent=method.expert_agg_exponent)
 
     def __init__(self, expert_tensor_names: list[str], exponent: float = 0.0) -> None:
         self.expert_tensor_names = set(expert_tensor_names)
