@@ -13,8 +13,9 @@ from transformers import AutoModel, BertConfig, GPT2Config, RobertaConfig, Rober
 
 from ubsmoe.errors import ConfigError
 from ubsmoe.model import resolve_backbone_path
+from ubsmoe.smoe.clustering import balanced_assignment, balanced_kmeans
 from ubsmoe.smoe.layer import MoEOptions, SparseMoE
-from ubsmoe.smoe.moefy import balanced_assignment, balanced_kmeans, check_backbone_config, moefy
+from ubsmoe.smoe.moefy import check_backbone_config, moefy
 
 
 @pytest.fixture(scope="module")

@@ -453,7 +453,7 @@ def test_balance_loss_and_tier_scale():
 
 def test_grouped_mm_products_match_the_loop():
     """The grouped_mm products (opt-in, for GPUs) give the loop's values and gradients (float32, on CPU)."""
-    from ubsmoe.smoe.native_layer import grouped_mm_supported
+    from ubsmoe.smoe.native_kernels import grouped_mm_supported
 
     results = []
     for grouped in (False, True):

@@ -38,6 +38,7 @@ from ubsmoe.compare import (
     write_csv,
 )
 from ubsmoe.names import METHODS
+from ubsmoe.plots.figures import distinct_colors
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = "ubsmoe"
@@ -150,12 +151,10 @@ def write_markdown(summary: dict, path: Path, *, title: str, reference: str = RE
 
 def accuracy_vs_flops_figure(tier: str, block: dict) -> Figure:
     """Each method a point: FLOPs per example against the mean main metric, error bar one std."""
-    from ubsmoe.plots import _colors
-
     fig = Figure(figsize=(6.0, 4.2), layout="constrained")
     ax = fig.subplots()
     stats = block["stats"]
-    for (method, s), color in zip(stats.items(), _colors(len(stats)), strict=True):
+    for (method, s), color in zip(stats.items(), distinct_colors(len(stats)), strict=True):
         ax.errorbar(s["flops_per_example"] / 1e9, s["mean"], yerr=s["std"], fmt="o", capsize=4, color=color, label=method)
     ax.set_xlabel("forward GFLOPs per example")
     ax.set_ylabel("validation main metric (mean over seeds, +- std)")

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from ubsmoe.smoe.moefy import balanced_kmeans
+from ubsmoe.smoe.clustering import balanced_kmeans
 from ubsmoe.smoe.routing import Routing, route
 
 

@@ -16,29 +16,28 @@ data) and ``coactivation`` (:mod:`ubsmoe.smoe.coactivation`: clusters of neurons
 together on recorded text). With ``calibration`` batches (tokenized unlabeled text of the
 task) a router can be fitted to the recorded activations (``router_init="fitted"``) and the
 skipped experts' typical output added back (``skip_defaults``). Everything computed from
-data is cached in ``cache_dir`` under a key of the backbone's FFN weights, ``M``, the
-calibration tokens, the construction and its seed, so later runs read it from disk.
+data is cached in ``cache_dir`` (:mod:`ubsmoe.smoe.moefy_cache`) under a key of the
+backbone's FFN weights, ``M``, the calibration tokens, the construction and its seed, so
+later runs read it from disk.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ubsmoe.errors import ConfigError
+from ubsmoe.names import MOEFY_METHODS, ROUTER_INITS
+from ubsmoe.smoe import coactivation as co
+from ubsmoe.smoe.clustering import balanced_kmeans
 from ubsmoe.smoe.layer import Activation, MoEOptions, SparseMoE
+from ubsmoe.smoe.moefy_cache import CACHE_VERSION, LayerPlan, cached_plans
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
-ROUTER_INITS = ("centroid", "zeros", "fitted")
-MOEFY_METHODS = ("weights", "coactivation")
-CACHE_VERSION = 1  # bump when what a cached construction means changes
 
 
 def _divisors(n: int, limit: int = 64) -> list[int]:
@@ -79,63 +78,6 @@ def encoder_layers(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    first = int(torch.randint(points.shape[0], (1,), generator=generator))
-    centers = [points[first]]
-    closest = (points - centers[0]).square().sum(1)
-    for _ in range(1, k):
-        idx = int(torch.multinomial(closest / closest.sum(), 1, generator=generator))
-        centers.append(points[idx])
-        closest = torch.minimum(closest, (points - points[idx]).square().sum(1))
-    return torch.stack(centers)
-
-
-def balanced_assignment(distances: torch.Tensor) -> torch.Tensor:
-    """Assign ``n`` points to ``k`` clusters of exactly ``n / k`` points, nearest first.
-
-    Rounds: every unassigned point bids for its nearest open cluster; a cluster with room
-    for all its bidders takes them, an oversubscribed one takes the nearest bidders up to
-    its capacity and closes. At most ``k`` rounds.
-    """
-    n, k = distances.shape
-    capacity = torch.full((k,), n // k, dtype=torch.long)
-    labels = torch.full((n,), -1, dtype=torch.long)
-    while bool((labels < 0).any()):
-        pending = (labels < 0).nonzero().squeeze(1)
-        open_mask = capacity > 0
-        d = distances[pending].masked_fill(~open_mask, float("inf"))
-        choice = d.argmin(1)
-        for c in choice.unique().tolist():
-            bidders = pending[choice == c]
-            room = int(capacity[c])
-            if bidders.numel() > room:
-                nearest = distances[bidders, c].argsort(stable=True)[:room]
-                bidders = bidders[nearest]
-            labels[bidders] = c
-            capacity[c] -= bidders.numel()
-    return labels
-
-
-def balanced_kmeans(
-    points: torch.Tensor, num_clusters: int, generator: torch.Generator, iterations: int = 15
-) -> torch.Tensor:
-    """Labels ``[n]`` of a k-means clustering with every cluster of size ``n / num_clusters``."""
-    n = points.shape[0]
-    if n % num_clusters:
-        raise ValueError(f"{num_clusters} clusters do not divide {n} points")
-    if num_clusters == 1:
-        return torch.zeros(n, dtype=torch.long)
-    centers = _kmeans_plus_plus(points, num_clusters, generator)
-    labels = None
-    for _ in range(iterations):
-        new_labels = balanced_assignment(torch.cdist(points, centers))
-        if labels is not None and torch.equal(new_labels, labels):
-            break
-        labels = new_labels
-        centers = torch.zeros_like(centers).index_add_(0, labels, points) / (n // num_clusters)
-    return labels
-
-
 def cluster_neurons(w1: torch.Tensor, b1: torch.Tensor, num_experts: int, generator: torch.Generator) -> torch.Tensor:
     """A permutation of the ``d`` neurons that makes each expert's neurons contiguous.
 
@@ -162,15 +104,6 @@ def centroid_router(w1_permuted: torch.Tensor, num_experts: int) -> torch.Tensor
 def _activation_for(layer: nn.Module, hidden_act) -> Activation:
     module = layer.intermediate.intermediate_act_fn
     return Activation(hidden_act if isinstance(hidden_act, str) else None, module)
-
-
-@dataclass
-class LayerPlan:
-    """What the data decided for one layer: neuron order, router weight, skip defaults (``None`` = not data-driven)."""
-
-    perm: torch.Tensor
-    router: torch.Tensor | None = None
-    skip_default: torch.Tensor | None = None
 
 
 def needs_calibration(method: str, router_init: str, skip_defaults: bool) -> bool:
@@ -251,8 +184,6 @@ def plan_layers(
     router_init: str, skip_defaults: bool, seed: int,
 ) -> dict[str, LayerPlan]:  # fmt: skip
     """Record activations on ``calibration`` and decide every layer's experts, router and skip defaults."""
-    from ubsmoe.smoe import coactivation as co
-
     activations = record_ffn_activations(backbone, calibration)
     generator = torch.Generator().manual_seed(seed)
     hidden_act = getattr(getattr(backbone, "config", None), "hidden_act", None)
@@ -273,46 +204,6 @@ def plan_layers(
             act = _activation_for(layer, hidden_act).forward
             router = co.fit_router(x, co.expert_gains(co.expert_outputs(x, w1s, b1s, w2t, act), defaults))
         plans[name] = LayerPlan(perm=perm, router=router, skip_default=defaults)
-    return plans
-
-
-def _read_cached_plans(path: Path, key: str) -> dict[str, LayerPlan] | None:
-    """The plans in a cache file, or ``None`` (with a warning) when it is damaged or not this construction's."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-        if raw.get("key") != key or raw.get("version") != CACHE_VERSION:
-            raise ValueError("written for another construction or cache version")
-        plans = {}
-        for name, fields in raw["layers"].items():
-            plan = LayerPlan(**fields)
-            perm = plan.perm
-            if perm.dim() != 1 or not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
-                raise ValueError(f"layer {name}: the neuron order is not a permutation")
-            for tensor in (plan.router, plan.skip_default):
-                if tensor is not None and not torch.isfinite(tensor).all():
-                    raise ValueError(f"layer {name}: non-finite values")
-            plans[name] = plan
-        return plans
-    except Exception as err:  # noqa: BLE001  (any damage: rebuild, the cache holds nothing unique)
-        warnings.warn(f"ignoring the MoEfication cache file {path} ({err}); rebuilding it", stacklevel=3)
-        return None
-
-
-def cached_plans(cache_dir: str | Path | None, key: str, build: Callable[[], dict[str, LayerPlan]]) -> dict[str, LayerPlan]:
-    """``build()`` once per key: the plans are written to ``cache_dir/moefy/<key>.pt`` and read back later."""
-    if cache_dir is None:
-        return build()
-    path = Path(cache_dir) / "moefy" / f"{key}.pt"
-    if path.is_file():
-        cached = _read_cached_plans(path, key)
-        if cached is not None:
-            return cached
-    plans = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    layers = {name: {"perm": p.perm, "router": p.router, "skip_default": p.skip_default} for name, p in plans.items()}
-    torch.save({"key": key, "version": CACHE_VERSION, "layers": layers}, tmp)
-    os.replace(tmp, path)
     return plans
 
 
