@@ -25,13 +25,13 @@ install: $(STAMP) ## create or refresh .venv with the pinned dependencies (nothi
 train: $(STAMP) ## the default experiment: python src/train.py experiment=glue_hetero
 	$(PY) src/train.py experiment=glue_hetero $(ARGS)
 
-smoke: $(STAMP) ## the same path in well under a minute (experiment=smoke)
+smoke: $(STAMP) ## the same path on a small budget (experiment=smoke; 66 s measured, docs/performance.md)
 	$(PY) src/train.py experiment=smoke $(ARGS)
 
 test: $(STAMP) ## the whole test suite (offline; uses the carried data/)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest $(ARGS)
 
-bench: $(STAMP) ## speed and compute benchmarks, JSON into logs/bench/
+bench: $(STAMP) ## six speed, overhead, memory and quality benchmarks, JSON into logs/bench/ (docs/performance.md)
 	$(PY) benchmarks/smoe_speed.py
 	$(PY) benchmarks/round_overhead.py
 	$(PY) benchmarks/backend_overhead.py
@@ -42,7 +42,7 @@ bench: $(STAMP) ## speed and compute benchmarks, JSON into logs/bench/
 compare: $(STAMP) ## every method on the same split, one table per tier (experiment=compare)
 	$(PY) -m ubsmoe.compare $(ARGS)
 
-results: $(STAMP) ## every method over seeds 42,43,44 on experiment=compare (about 2.5 hours here): tables with bootstrap CIs, figures (logs/results/)
+results: $(STAMP) ## every method over seeds 42,43,44 on experiment=compare (27 runs): tables with bootstrap CIs, figures (logs/results/)
 	$(PY) -m ubsmoe.results $(ARGS)
 
 ablation: $(STAMP) ## UB-SMoE with one switch changed at a time (DMR, PG parts, N_p), seed 42, compare budget (logs/ablation/)

@@ -5,7 +5,7 @@ first examples of every client in turn (round robin over clients, each client's 
 its partition order), so the batches do not depend on the method, only on the seed and
 the data settings, and every client's text is represented. Labels are dropped: only the
 model inputs are returned. Departure from a strict federation: the server sees this
-unlabeled text (listed in docs/notes/issue13-evidence.md).
+unlabeled text (docs/paper.md, row 46; docs/design.md).
 """
 
 from __future__ import annotations

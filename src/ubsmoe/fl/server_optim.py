@@ -11,7 +11,7 @@ negative of a gradient, and the new global state is one step of a server optimiz
 - ``fedyogi``: :class:`Yogi` (written here: torch has no Yogi second moment);
 - ``fedadagrad``: ``torch.optim.Adagrad`` with ``eps = tau``.
 
-Choices, each a named switch or listed in docs/notes/issue16-optim.md:
+Choices, each a named switch or listed in docs/paper.md (rows 40-43):
 
 - ``server.bias_correction`` (default false): the paper's Algorithm 2 has no bias
   correction, ``x + lr * m / (sqrt(v) + tau)``. torch's Adam always corrects (and adds
