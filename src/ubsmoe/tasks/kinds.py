@@ -60,6 +60,7 @@ class GlueKind(RunKind):
 
     def data(self, cfg: DictConfig, model: ModelSettings) -> Any:
         from ubsmoe.data.datamodule import build_federated_data
+        from ubsmoe.data.specs import LoaderSpec, PartitionSpec
         from ubsmoe.model import resolve_backbone_path
 
         return build_federated_data(
@@ -67,17 +68,9 @@ class GlueKind(RunKind):
             local_dir=self.local_dir,
             tokenizer_path=resolve_backbone_path(model.backbone),
             max_length=cfg.data.max_length,
-            num_clients=cfg.federation.num_clients,
-            partition=cfg.federation.partition,
-            alpha=cfg.federation.dirichlet_alpha,
-            min_client_size=cfg.federation.min_client_size,
-            seed=cfg.seed,
-            batch_size=cfg.data.batch_size,
-            eval_batch_size=cfg.data.eval_batch_size,
-            max_train_examples=cfg.data.max_train_examples,
-            max_eval_examples=cfg.data.max_eval_examples,
             regression_buckets=cfg.data.regression_buckets,
-            cache_dir=str(cfg.paths.cache_dir),
+            partition=PartitionSpec.from_config(cfg),
+            loader=LoaderSpec.from_config(cfg),
         )
 
     def module(
@@ -134,6 +127,7 @@ class CommonsenseKind(RunKind):
 
     def data(self, cfg: DictConfig, model: ModelSettings) -> Any:
         from ubsmoe.data.commonsense import build_commonsense_data
+        from ubsmoe.data.specs import LoaderSpec, PartitionSpec
 
         d = cfg.data
         hub = OmegaConf.to_container(d.hub_test_files, resolve=True) if d.hub_test_files is not None else {}
@@ -146,16 +140,8 @@ class CommonsenseKind(RunKind):
             hub_test_files=dict(hub),  # type: ignore[arg-type]
             partition_by=d.partition_by,
             max_length=d.max_length,
-            num_clients=cfg.federation.num_clients,
-            partition=cfg.federation.partition,
-            alpha=cfg.federation.dirichlet_alpha,
-            min_client_size=cfg.federation.min_client_size,
-            seed=cfg.seed,
-            batch_size=d.batch_size,
-            eval_batch_size=d.eval_batch_size,
-            max_train_examples=d.max_train_examples,
-            max_eval_examples=d.max_eval_examples,
-            cache_dir=str(cfg.paths.cache_dir),
+            partition=PartitionSpec.from_config(cfg),
+            loader=LoaderSpec.from_config(cfg),
         )
 
     def module(
