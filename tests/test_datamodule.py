@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import grouped_data_args
 from rich.console import Console
 
 from ubsmoe.data.datamodule import build_federated_data
@@ -42,7 +43,7 @@ def make_args(tokenizer_path: str, cache_dir: str, **overrides) -> dict:
         tokenizer_path=tokenizer_path,
         max_length=64,
         num_clients=10,
-        partition="dirichlet",
+        method="dirichlet",
         alpha=0.5,
         min_client_size=20,
         seed=7,
@@ -54,7 +55,7 @@ def make_args(tokenizer_path: str, cache_dir: str, **overrides) -> dict:
         cache_dir=cache_dir,
     )
     args.update(overrides)
-    return args
+    return grouped_data_args(**args)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def test_stsb_has_float_labels_and_bucket_counts(tokenizer_path, cache_dir):
         ({"alpha": -0.5}, "federation.dirichlet_alpha"),
         ({"num_clients": 101, "min_client_size": 20}, "federation.num_clients"),
         ({"num_clients": 0}, "federation.num_clients"),
-        ({"partition": "shards"}, "federation.partition"),
+        ({"method": "shards"}, "federation.partition"),
         ({"batch_size": 0}, "data.batch_size"),
     ],
 )

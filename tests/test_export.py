@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,16 +27,15 @@ def _final_metrics(run_dir: Path) -> dict[str, float]:
 def _validation_metric(exported, run_dir: Path, cache_dir: Path) -> float:
     """The exported module evaluated on the run's own validation batches (same data settings)."""
     from ubsmoe.data.datamodule import build_federated_data
+    from ubsmoe.data.specs import LoaderSpec, PartitionSpec
     from ubsmoe.model import resolve_backbone_path
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     data = build_federated_data(
         task=cfg.data.task, local_dir=cfg.data.local_dir, tokenizer_path=resolve_backbone_path(cfg.model.backbone),
-        max_length=cfg.data.max_length, num_clients=cfg.federation.num_clients, partition=cfg.federation.partition,
-        alpha=cfg.federation.dirichlet_alpha, min_client_size=cfg.federation.min_client_size, seed=cfg.seed,
-        batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
-        max_train_examples=cfg.data.max_train_examples, max_eval_examples=cfg.data.max_eval_examples,
-        regression_buckets=cfg.data.regression_buckets, cache_dir=str(cache_dir),
+        max_length=cfg.data.max_length, regression_buckets=cfg.data.regression_buckets,
+        partition=PartitionSpec.from_config(cfg),
+        loader=dataclasses.replace(LoaderSpec.from_config(cfg), cache_dir=str(cache_dir)),
     )  # fmt: skip
     module = exported.module
     (loader,) = data.eval_loaders.values()

@@ -115,7 +115,7 @@ def test_without_the_extra_backend_flower_names_it(monkeypatch: pytest.MonkeyPat
 def test_core_imports_do_not_import_flower() -> None:
     code = (
         "import sys; sys.modules['flwr'] = None; sys.modules['ray'] = None\n"
-        "import ubsmoe.runner, ubsmoe.fl.backends, ubsmoe.config\n"
+        "import ubsmoe.runner, ubsmoe.fl.backends, ubsmoe.validate\n"
         "print(sorted(ubsmoe.fl.backends.BACKENDS))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

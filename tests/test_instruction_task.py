@@ -8,19 +8,21 @@ import torch
 from ubsmoe.backbones import build_adapter
 from ubsmoe.backbones.tiny import tiny_tokenizer
 from ubsmoe.data.commonsense import BENCHMARKS
-from ubsmoe.model import FederatedModel
-from ubsmoe.settings import LoraSettings, MethodSettings, ModelSettings
-from ubsmoe.tasks.instruction import (
+from ubsmoe.data.instruction_format import (
     IGNORE_INDEX,
-    InstructionTask,
     collate_left,
     collate_right,
     encode_train,
-    extract_answer,
     format_prompt,
+    pad_id_of,
+)
+from ubsmoe.model import FederatedModel
+from ubsmoe.settings import LoraSettings, MethodSettings, ModelSettings
+from ubsmoe.tasks.instruction import (
+    InstructionTask,
+    extract_answer,
     greedy_generate,
     left_pad,
-    pad_id_of,
     response_loss,
     score_candidates,
     score_candidates_cached,

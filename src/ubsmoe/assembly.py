@@ -31,6 +31,7 @@ from ubsmoe.data.calibration import calibration_batches
 from ubsmoe.data.commonsense import BENCHMARKS, build_commonsense_data
 from ubsmoe.data.datamodule import build_federated_data
 from ubsmoe.data.glue import build_metrics, get_task
+from ubsmoe.data.specs import LoaderSpec, PartitionSpec
 from ubsmoe.data.user_task import prepare_user_data
 from ubsmoe.fl.client import make_tier_specs
 from ubsmoe.fl.faults import FaultInjection, FaultPolicy
@@ -86,17 +87,9 @@ class GlueKind(RunKind):
             local_dir=self.local_dir,
             tokenizer_path=resolve_backbone_path(model.backbone),
             max_length=cfg.data.max_length,
-            num_clients=cfg.federation.num_clients,
-            partition=cfg.federation.partition,
-            alpha=cfg.federation.dirichlet_alpha,
-            min_client_size=cfg.federation.min_client_size,
-            seed=cfg.seed,
-            batch_size=cfg.data.batch_size,
-            eval_batch_size=cfg.data.eval_batch_size,
-            max_train_examples=cfg.data.max_train_examples,
-            max_eval_examples=cfg.data.max_eval_examples,
             regression_buckets=cfg.data.regression_buckets,
-            cache_dir=str(cfg.paths.cache_dir),
+            partition=PartitionSpec.from_config(cfg),
+            loader=LoaderSpec.from_config(cfg),
         )
 
     def module(
@@ -152,16 +145,8 @@ class CommonsenseKind(RunKind):
             hub_test_files=dict(hub),  # type: ignore[arg-type]
             partition_by=d.partition_by,
             max_length=d.max_length,
-            num_clients=cfg.federation.num_clients,
-            partition=cfg.federation.partition,
-            alpha=cfg.federation.dirichlet_alpha,
-            min_client_size=cfg.federation.min_client_size,
-            seed=cfg.seed,
-            batch_size=d.batch_size,
-            eval_batch_size=d.eval_batch_size,
-            max_train_examples=d.max_train_examples,
-            max_eval_examples=d.max_eval_examples,
-            cache_dir=str(cfg.paths.cache_dir),
+            partition=PartitionSpec.from_config(cfg),
+            loader=LoaderSpec.from_config(cfg),
         )
 
     def module(

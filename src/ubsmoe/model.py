@@ -28,7 +28,7 @@ from ubsmoe.backbones import build_adapter
 from ubsmoe.backbones.base import BackboneAdapter, Calibration
 from ubsmoe.backbones.moefy_adapter import resolve_backbone_path
 from ubsmoe.errors import ConfigError
-from ubsmoe.names import ROUTER_INITS
+from ubsmoe.names import POOLINGS, ROUTER_INITS
 from ubsmoe.seeding import derive_seed
 from ubsmoe.settings import MethodSettings, ModelSettings, OptimSettings
 from ubsmoe.smoe.flops import EncoderDims, measure_flops
@@ -37,7 +37,7 @@ from ubsmoe.smoe.moefy import check_moefy_args
 from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, missed_token_steps, pseudo_gradient_coefficients
 from ubsmoe.smoe.routing import range_penalty
 from ubsmoe.tasks.base import Task
-from ubsmoe.tasks.classification import POOLINGS, ClassificationTask
+from ubsmoe.tasks.classification import ClassificationTask
 
 __all__ = ("FederatedClassifier", "FederatedModel", "check_model", "resolve_backbone_path")
 

@@ -38,15 +38,15 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
-from ubsmoe.data import partition as partitioning
 from ubsmoe.data.datamodule import ClientDataModule, FederatedData
+from ubsmoe.data.instruction_format import collate_left, collate_right, encode_train, pad_id_of, prompt_ids
+from ubsmoe.data.specs import LoaderSpec, PartitionSpec
 from ubsmoe.errors import ConfigError
+from ubsmoe.names import PARTITION_BY
 from ubsmoe.seeding import derive_seed
-from ubsmoe.tasks.instruction import collate_left, collate_right, encode_train, pad_id_of, prompt_ids
 
 PROJECT_DATA = Path(__file__).resolve().parents[3] / "data" / "commonsense"
 REQUIRED_FIELDS = ("instruction", "answer")
-PARTITION_KEYS = ("source", "answer")
 
 
 @dataclass(frozen=True)
@@ -203,8 +203,8 @@ def infer_source(record: dict[str, Any]) -> str:
 
 def partition_labels(records: Sequence[dict[str, Any]], by: str) -> tuple[list[int], list[str]]:
     """Integer label per record for the Dirichlet partitioner: its source benchmark or its answer word."""
-    if by not in PARTITION_KEYS:
-        raise ConfigError("data.partition_by", by, f"one of {list(PARTITION_KEYS)}")
+    if by not in PARTITION_BY:
+        raise ConfigError("data.partition_by", by, f"one of {list(PARTITION_BY)}")
     keys = [infer_source(r) if by == "source" else r["answer"].strip() for r in records]
     names = sorted(set(keys))
     index = {name: i for i, name in enumerate(names)}
@@ -252,7 +252,7 @@ def load_eval_sets(
 # ----------------------------------------------------------------------------- federated data
 @dataclass(frozen=True)
 class CommonsenseSpec:
-    """What the loop and the reports read from ``FederatedData.task`` for a commonsense run."""
+    """``FederatedData.task`` of a commonsense run (a :class:`~ubsmoe.data.datamodule.TaskSummary`)."""
 
     name: str = "commonsense"
     main_metric: str = "mean_acc"
@@ -279,47 +279,33 @@ def build_commonsense_data(
     hub_test_files: dict[str, str],
     partition_by: str,
     max_length: int,
-    num_clients: int,
-    partition: str,
-    alpha: float,
-    min_client_size: int,
-    seed: int,
-    batch_size: int,
-    eval_batch_size: int,
-    max_train_examples: int | None,
-    max_eval_examples: int | None,
-    cache_dir: str | None = None,
+    partition: PartitionSpec,
+    loader: LoaderSpec,
 ) -> FederatedData:
-    """Load, check, subsample, partition and tokenize the commonsense data for ``num_clients`` clients.
+    """Load, check, subsample, partition and tokenize the commonsense data for ``partition.num_clients`` clients.
 
     The training mixture is partitioned with the Dirichlet (or iid) partitioner over each
     record's source benchmark (``partition_by: source``) or answer word (``answer``); the
     evaluation sets are one left-padded loader per benchmark, in ``eval_benchmarks`` order.
     Randomness: the subsample, the partition and the batch order each use their own stream
-    derived from ``seed``, as for GLUE.
+    derived from ``partition.seed``, as for GLUE.
     """
     import datasets
 
     benchmarks = [get_benchmark(name) for name in eval_benchmarks]
     records = load_train_mixture(
-        source=train_source, local_dir=local_dir, benchmarks=train_benchmarks, cache_dir=cache_dir
+        source=train_source, local_dir=local_dir, benchmarks=train_benchmarks, cache_dir=loader.cache_dir
     )
     eval_sets = load_eval_sets(
-        benchmarks=eval_benchmarks, local_dir=local_dir, hub_test_files=hub_test_files, cache_dir=cache_dir
+        benchmarks=eval_benchmarks, local_dir=local_dir, hub_test_files=hub_test_files, cache_dir=loader.cache_dir
     )
-    usable = len(records) if max_train_examples is None else min(len(records), max_train_examples)
-    partitioning.validate_partition_args(
-        method=partition, num_clients=num_clients, alpha=alpha, min_size=min_client_size, num_examples=usable
-    )
-    if max_train_examples is not None and max_train_examples < len(records):
-        order = np.random.default_rng(derive_seed(seed, "subsample")).permutation(len(records))
-        records = [records[i] for i in np.sort(order[:max_train_examples])]
+    partition.check(loader.train_rows(len(records)))
+    kept = loader.train_subsample(len(records), partition.seed)
+    if kept is not None:
+        records = [records[i] for i in kept]
     labels, label_names = partition_labels(records, partition_by)
     label_ids = np.asarray(labels, dtype=np.int64)
-    parts = partitioning.partition(
-        label_ids, method=partition, num_clients=num_clients, alpha=alpha, min_size=min_client_size,
-        seed=derive_seed(seed, "partition"),
-    )  # fmt: skip
+    parts = partition.split(label_ids)
 
     pad_id = pad_id_of(tokenizer)
     encoded = [encode_train(tokenizer, r, max_length) for r in records]
@@ -327,10 +313,10 @@ def build_commonsense_data(
         {"input_ids": [e["input_ids"] for e in encoded], "labels": [e["labels"] for e in encoded]}
     )
     collate_train = partial(collate_right, pad_id=pad_id)
-    data_seed = derive_seed(seed, "data")
+    data_seed = derive_seed(partition.seed, "data")
     clients = [
         ClientDataModule(
-            client_id, train, indices, collate_fn=collate_train, batch_size=batch_size, data_seed=data_seed,
+            client_id, train, indices, collate_fn=collate_train, batch_size=loader.batch_size, data_seed=data_seed,
             label_ids=label_ids, num_classes=len(label_names),
         )  # fmt: skip
         for client_id, indices in enumerate(parts)
@@ -338,8 +324,8 @@ def build_commonsense_data(
     eval_loaders = {}
     for bench in benchmarks:
         rows = eval_sets[bench.name]
-        if max_eval_examples is not None:
-            rows = rows[:max_eval_examples]
+        if loader.max_eval_examples is not None:
+            rows = rows[: loader.max_eval_examples]
         items = [
             {
                 "input_ids": prompt_ids(tokenizer, r, max_length),
@@ -348,10 +334,10 @@ def build_commonsense_data(
             for i, r in enumerate(rows)
         ]
         eval_loaders[bench.name] = DataLoader(
-            items, batch_size=eval_batch_size, shuffle=False, collate_fn=partial(collate_left, pad_id=pad_id)
+            items, batch_size=loader.eval_batch_size, shuffle=False, collate_fn=partial(collate_left, pad_id=pad_id)
         )
     return FederatedData(
-        task=CommonsenseSpec(),  # type: ignore[arg-type]
+        task=CommonsenseSpec(),
         clients=clients,
         eval_loaders=eval_loaders,
         label_counts=np.stack([client.label_counts() for client in clients]),

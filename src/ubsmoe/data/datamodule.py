@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import datasets
 import lightning
@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ubsmoe.data import glue
-from ubsmoe.data import partition as partitioning
-from ubsmoe.data.partition import bucketize_scores, validate_partition_args
+from ubsmoe.data.partition import bucketize_scores
+from ubsmoe.data.specs import LoaderSpec, PartitionSpec
 from ubsmoe.errors import ConfigError
 from ubsmoe.seeding import derive_seed
 
@@ -119,11 +119,29 @@ class ClientDataModule(lightning.LightningDataModule):
             epoch += 1
 
 
+class TaskSummary(Protocol):
+    """What a run may read of the task its data was built for, whichever builder built it.
+
+    :attr:`FederatedData.task` holds a :class:`~ubsmoe.data.glue.GlueTask` for GLUE runs and a
+    :class:`~ubsmoe.data.commonsense.CommonsenseSpec` for commonsense runs; these three are what
+    both have.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def main_metric(self) -> str: ...
+
+    @property
+    def is_regression(self) -> bool: ...
+
+
 @dataclass
 class FederatedData:
     """Everything the federated loop needs from the data side."""
 
-    task: glue.GlueTask
+    task: TaskSummary
     clients: list[ClientDataModule]
     eval_loaders: dict[str, DataLoader]
     label_counts: np.ndarray
@@ -152,55 +170,42 @@ def build_federated_data(
     local_dir: str | None,
     tokenizer_path: str,
     max_length: int,
-    num_clients: int,
-    partition: str,
-    alpha: float,
-    min_client_size: int,
-    seed: int,
-    batch_size: int,
-    eval_batch_size: int,
-    max_train_examples: int | None,
-    max_eval_examples: int | None,
     regression_buckets: int,
-    cache_dir: str,
+    partition: PartitionSpec,
+    loader: LoaderSpec,
 ) -> FederatedData:
-    """Load, subsample, partition and tokenize one GLUE task for ``num_clients`` clients.
+    """Load, subsample, partition and tokenize one GLUE task for ``partition.num_clients`` clients.
 
-    ``seed`` is the run's master seed; partitioning, batch order and train subsampling each
-    use their own derived stream. ``max_train_examples`` keeps the first N of a seeded
-    permutation (so every label can appear); ``max_eval_examples`` keeps the first N.
+    ``partition.seed`` is the run's master seed; partitioning, batch order and train subsampling
+    each use their own derived stream. ``loader.max_train_examples`` keeps the first N of a seeded
+    permutation (so every label can appear); ``loader.max_eval_examples`` keeps the first N.
     """
-    method = partition
     spec = glue.get_task(task)
     _check_positive("data.max_length", max_length)
-    _check_positive("data.batch_size", batch_size)
-    _check_positive("data.eval_batch_size", eval_batch_size)
-    _check_positive("data.max_train_examples", max_train_examples, optional=True)
-    _check_positive("data.max_eval_examples", max_eval_examples, optional=True)
+    _check_positive("data.batch_size", loader.batch_size)
+    _check_positive("data.eval_batch_size", loader.eval_batch_size)
+    _check_positive("data.max_train_examples", loader.max_train_examples, optional=True)
+    _check_positive("data.max_eval_examples", loader.max_eval_examples, optional=True)
     if spec.is_regression:
         _check_positive("data.regression_buckets", regression_buckets)
+    if loader.cache_dir is None:
+        raise ConfigError("paths.cache_dir", None, "a directory for the tokenized GLUE splits")
     # Checks that need no row count run now, whatever the source.
-    validate_partition_args(
-        method=method,
-        num_clients=num_clients,
-        alpha=alpha,
-        min_size=min_client_size,
-        num_examples=max(num_clients, 0) * max(min_client_size, 0),
-    )
+    partition.check(max(partition.num_clients, 0) * max(partition.min_client_size, 0))
 
     source_dir = glue.resolve_local_dir(local_dir, spec.name)
     splits = ["train", *spec.eval_splits]
     if source_dir:
         rows = glue.check_local_files(spec, source_dir, splits)
-        _validate_train_size(method, num_clients, alpha, min_client_size, rows["train"], max_train_examples)
+        partition.check(loader.train_rows(rows["train"]))
 
     raw = glue.load_glue(spec, source_dir, splits)
     train = raw["train"]
-    _validate_train_size(method, num_clients, alpha, min_client_size, train.num_rows, max_train_examples)
+    partition.check(loader.train_rows(train.num_rows))
 
-    if max_train_examples is not None and max_train_examples < train.num_rows:
-        order = np.random.default_rng(derive_seed(seed, "subsample")).permutation(train.num_rows)
-        train = train.select(np.sort(order[:max_train_examples]), keep_in_memory=True)
+    kept = loader.train_subsample(train.num_rows, partition.seed)
+    if kept is not None:
+        train = train.select(kept, keep_in_memory=True)
 
     targets = np.asarray(train[glue.LABEL_COLUMN])
     if spec.is_regression:
@@ -219,30 +224,23 @@ def build_federated_data(
                 f"{spec.name} train labels must be 0..{num_classes - 1}, found {sorted(set(bad.tolist()))[:5]}",
             )
 
-    parts = partitioning.partition(
-        label_ids,
-        method=method,
-        num_clients=num_clients,
-        alpha=alpha,
-        min_size=min_client_size,
-        seed=derive_seed(seed, "partition"),
-    )
+    parts = partition.split(label_ids)
 
     # Expensive work starts here: everything the user could get wrong was checked above.
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    tokenized_train = glue.tokenize_split(train, spec, tokenizer, max_length, cache_dir, "train")
+    tokenized_train = glue.tokenize_split(train, spec, tokenizer, max_length, loader.cache_dir, "train")
 
-    data_seed = derive_seed(seed, "data")
+    data_seed = derive_seed(partition.seed, "data")
     clients = [
         ClientDataModule(
             client_id,
             tokenized_train,
             indices,
             collate_fn=collator,
-            batch_size=batch_size,
+            batch_size=loader.batch_size,
             data_seed=data_seed,
             label_ids=label_ids,
             num_classes=num_classes,
@@ -253,11 +251,11 @@ def build_federated_data(
     eval_loaders: dict[str, DataLoader] = {}
     for split in spec.eval_splits:
         ds = raw[split]
-        if max_eval_examples is not None and max_eval_examples < ds.num_rows:
-            ds = ds.select(range(max_eval_examples))
-        tokenized = glue.tokenize_split(ds, spec, tokenizer, max_length, cache_dir, split)
+        if loader.max_eval_examples is not None and loader.max_eval_examples < ds.num_rows:
+            ds = ds.select(range(loader.max_eval_examples))
+        tokenized = glue.tokenize_split(ds, spec, tokenizer, max_length, loader.cache_dir, split)
         eval_loaders[split] = DataLoader(
-            tokenized, batch_size=eval_batch_size, shuffle=False, collate_fn=collator, num_workers=0
+            tokenized, batch_size=loader.eval_batch_size, shuffle=False, collate_fn=collator, num_workers=0
         )
 
     return FederatedData(
@@ -267,13 +265,6 @@ def build_federated_data(
         label_counts=np.stack([client.label_counts() for client in clients]),
         label_names=label_names,
     )
-
-
-def _validate_train_size(
-    method: str, num_clients: int, alpha: float, min_size: int, num_rows: int, max_train_examples: int | None
-) -> None:
-    usable = num_rows if max_train_examples is None else min(num_rows, max_train_examples)
-    validate_partition_args(method=method, num_clients=num_clients, alpha=alpha, min_size=min_size, num_examples=usable)
 
 
 __all__ = ("ClientDataModule", "FederatedData", "build_federated_data")

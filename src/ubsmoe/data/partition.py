@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from ubsmoe.errors import ConfigError
+from ubsmoe.names import PARTITIONS
 
-METHODS = ("dirichlet", "iid")
 # How many times a Dirichlet draw that leaves some client below min_size is redrawn (with the
 # same generator, so still deterministic) before examples are moved to the short clients.
 MAX_REDRAWS = 20
@@ -22,8 +22,8 @@ def validate_partition_args(
     *, method: str, num_clients: int, alpha: float, min_size: int, num_examples: int
 ) -> None:
     """Raise ConfigError for arguments no partition can satisfy; cheap, so call it first."""
-    if method not in METHODS:
-        raise ConfigError("federation.partition", method, "one of " + ", ".join(METHODS))
+    if method not in PARTITIONS:
+        raise ConfigError("federation.partition", method, "one of " + ", ".join(PARTITIONS))
     if method == "dirichlet" and not (alpha > 0):
         raise ConfigError(
             "federation.dirichlet_alpha", alpha, "a number > 0 (small = strong label skew, large = near iid)"

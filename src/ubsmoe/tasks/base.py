@@ -12,13 +12,38 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from ubsmoe.model import FederatedModel
+
+class BackboneRunner(Protocol):
+    """The one thing a task asks of a backbone adapter: run the backbone on a batch."""
+
+    def forward(self, backbone: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+        """The Hugging Face output of ``backbone`` on ``batch`` (hidden states or LM logits)."""
+        ...
+
+
+class TaskModel(Protocol):
+    """What a task uses of the model it is composed into (``ubsmoe.model.FederatedModel``).
+
+    Spelled out here so that a task depends only on this interface, not on the module that
+    owns it: the backbone and its adapter, the head the task built (tasks with one), and the
+    real-token mask that keeps padding out of the sparse blocks' routing.
+    """
+
+    @property
+    def adapter(self) -> BackboneRunner: ...
+
+    @property
+    def backbone(self) -> nn.Module: ...
+
+    @property
+    def head(self) -> nn.Module: ...
+
+    def set_token_mask(self, mask: torch.Tensor | None) -> None: ...
 
 
 @dataclass
@@ -40,15 +65,15 @@ class Task(ABC):
         """The trainable head on top of the backbone (``None``: the backbone's own output is the prediction)."""
 
     @abstractmethod
-    def logits(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, module: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The prediction of one batch (class logits, or LM logits)."""
 
     @abstractmethod
-    def loss(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, module: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The task loss of one training batch (the module adds its regularizers)."""
 
     @abstractmethod
-    def evaluate(self, module: FederatedModel, loaders: Mapping[str, Any], fabric: Any) -> TaskEvaluation:
+    def evaluate(self, module: TaskModel, loaders: Mapping[str, Any], fabric: Any) -> TaskEvaluation:
         """Score the module (already at the tier's K / rank, in eval mode) on every evaluation loader."""
 
     @abstractmethod
@@ -63,7 +88,7 @@ class Task(ABC):
         """
         return metric_names, []
 
-    def validation_step(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> None:
+    def validation_step(self, module: TaskModel, batch: dict[str, torch.Tensor]) -> None:
         """Accumulate one evaluation batch (tasks whose metrics accumulate per batch)."""
         raise NotImplementedError(f"{type(self).__name__} scores whole evaluation sets: use evaluate()")
 

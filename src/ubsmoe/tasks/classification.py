@@ -9,7 +9,7 @@ split, with the split name as a prefix when there is more than one (MNLI).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +17,8 @@ import torchmetrics
 from torch import nn
 
 from ubsmoe.errors import ConfigError
-from ubsmoe.tasks.base import Task, TaskEvaluation
-
-if TYPE_CHECKING:
-    from ubsmoe.model import FederatedModel
-
-POOLINGS = ("mean", "cls")
+from ubsmoe.names import POOLINGS
+from ubsmoe.tasks.base import Task, TaskEvaluation, TaskModel
 
 
 class ClassificationTask(Task):
@@ -52,7 +48,7 @@ class ClassificationTask(Task):
             head.bias.zero_()
         return head
 
-    def logits(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, module: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["attention_mask"].bool()
         module.set_token_mask(mask)
         hidden = module.adapter.forward(module.backbone, batch).last_hidden_state
@@ -69,11 +65,11 @@ class ClassificationTask(Task):
             return F.mse_loss(logits, labels.to(logits.dtype))
         return F.cross_entropy(logits, labels)
 
-    def loss(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, module: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.task_loss(self.logits(module, batch), batch["labels"])
 
     @torch.no_grad()
-    def validation_step(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> None:
+    def validation_step(self, module: TaskModel, batch: dict[str, torch.Tensor]) -> None:
         logits = self.logits(module, batch)
         labels = batch["labels"]
         loss = self.task_loss(logits, labels)
@@ -89,7 +85,7 @@ class ClassificationTask(Task):
         self._loss_sum, self._count = 0.0, 0
         return values
 
-    def evaluate(self, module: FederatedModel, loaders: Mapping[str, Any], fabric: Any) -> TaskEvaluation:
+    def evaluate(self, module: TaskModel, loaders: Mapping[str, Any], fabric: Any) -> TaskEvaluation:
         metrics: dict[str, float] = {}
         for split, loader in loaders.items():
             for batch in loader:

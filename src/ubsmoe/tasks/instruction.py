@@ -1,11 +1,7 @@
 """Instruction tuning of a causal LM, evaluated per commonsense benchmark (DESIGN.md section 6).
 
-Batch format. Training examples are the Alpaca prompt (:data:`PROMPT`, or
-:data:`PROMPT_WITH_INPUT` when ``input`` is non-empty) followed by the response (``output``)
-and EOS; prompt and response are tokenized separately, so the prompt tokens that are masked out
-of the loss (label -100) are exactly the tokens an evaluation prompt has. Training batches are
-right-padded; evaluation prompts are left-padded, so greedy generation appends to every row at
-the same position.
+Batch format: :mod:`ubsmoe.data.instruction_format` (the Alpaca prompt, loss on the response
+tokens only; training batches right-padded, evaluation prompts left-padded).
 
 Evaluation, per benchmark (one loader each), at the module's current tier:
 
@@ -30,91 +26,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ubsmoe.data.instruction_format import IGNORE_INDEX, pad_id_of
 from ubsmoe.errors import ConfigError
-from ubsmoe.tasks.base import Task, TaskEvaluation
+from ubsmoe.names import EVAL_MODES
+from ubsmoe.tasks.base import Task, TaskEvaluation, TaskModel
 
-if TYPE_CHECKING:
-    from ubsmoe.model import FederatedModel
-
-PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-EVAL_MODES = ("likelihood", "generation", "both")
 SUFFIX = {"generation": "gen", "likelihood": "ll"}  # metric-name suffix of each scoring mode
-IGNORE_INDEX = -100
-
-
-def format_prompt(record: Mapping[str, Any]) -> str:
-    """The Alpaca prompt of a record (the variant with ``### Input:`` when ``input`` is non-empty)."""
-    extra = (record.get("input") or "").strip()
-    if extra:
-        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=extra)
-    return PROMPT.format(instruction=record["instruction"])
-
-
-def prompt_ids(tokenizer: Any, record: Mapping[str, Any], max_length: int) -> list[int]:
-    """Token ids of the prompt, its end kept when too long (the answer format sits at the end)."""
-    ids = list(tokenizer(format_prompt(record))["input_ids"])
-    return ids[-max_length:]
-
-
-def encode_train(tokenizer: Any, record: Mapping[str, Any], max_length: int) -> dict[str, list[int]]:
-    """``input_ids`` = prompt + response + EOS, ``labels`` = -100 on the prompt (loss on the response only).
-
-    Too long: the prompt loses its beginning (as evaluation prompts do) so that the response, the
-    only part with a loss, always fits; a response longer than ``max_length - 1`` keeps its start.
-    """
-    response = record.get("output") or record["answer"]
-    target = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        target.append(int(tokenizer.eos_token_id))
-    target = target[: max_length - 1]
-    prompt = prompt_ids(tokenizer, record, max_length - len(target))
-    return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad if pad is not None else 0)
-
-
-def collate_right(features: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Training batch: right padding; padded label positions are -100."""
-    length = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(features), length), dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n] = torch.tensor(f["input_ids"])
-        labels[i, :n] = torch.tensor(f["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def collate_left(features: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Evaluation batch: prompts left-padded, plus the index of the right answer word."""
-    length = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(features), length), dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, length - n :] = torch.tensor(f["input_ids"])
-        mask[i, length - n :] = 1
-    answers = torch.tensor([int(f["answer_index"]) for f in features], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "answer_index": answers}
 
 
 def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -192,7 +115,7 @@ def score_candidates(
 
 @torch.no_grad()
 def score_candidates_cached(
-    module: FederatedModel,
+    module: TaskModel,
     prompts: Sequence[Sequence[int]],
     candidates: Sequence[tuple[list[int], list[int]]],
     pad_id: int,
@@ -252,7 +175,7 @@ class _TokenMaskFromInputs:
     on decoding steps (all real); on the prefill the shapes agree and the left padding is masked.
     """
 
-    def __init__(self, module: FederatedModel) -> None:
+    def __init__(self, module: TaskModel) -> None:
         self.module = module
 
     def __call__(self, _model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -263,7 +186,7 @@ class _TokenMaskFromInputs:
 
 @torch.no_grad()
 def greedy_generate(
-    module: FederatedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, pad_id: int,
+    module: TaskModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, pad_id: int,
     eos_id: int | None,
 ) -> torch.Tensor:
     """Greedy continuation of left-padded prompts with the KV cache; returns the new tokens only."""
@@ -319,11 +242,11 @@ class InstructionTask(Task):
     def build_head(self, hidden_size: int, generator: torch.Generator) -> None:
         return None  # the model's own (frozen) LM head
 
-    def logits(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, module: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         module.set_token_mask(batch["attention_mask"].bool())
         return module.adapter.forward(module.backbone, batch).logits
 
-    def loss(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, module: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return response_loss(self.logits(module, batch), batch["labels"])
 
     def head_flops(self, hidden_size: int, seq_len: int) -> float:
@@ -337,14 +260,14 @@ class InstructionTask(Task):
             ]
         return self._candidates[benchmark]
 
-    def predict_likelihood(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict_likelihood(self, module: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Index of the most likely answer word per prompt."""
         mask = batch["attention_mask"].bool()
         prompts = [row[m].tolist() for row, m in zip(batch["input_ids"].cpu(), mask.cpu())]
 
         return score_candidates_cached(module, prompts, self.candidates(batch["benchmark"]), self.pad_id).argmax(dim=1)
 
-    def predict_generation(self, module: FederatedModel, batch: dict[str, torch.Tensor]) -> list[int | None]:
+    def predict_generation(self, module: TaskModel, batch: dict[str, torch.Tensor]) -> list[int | None]:
         """Index of the answer word extracted from the greedy output (``None``: no match)."""
         new = greedy_generate(
             module, batch["input_ids"], batch["attention_mask"], max_new_tokens=self.max_new_tokens,
@@ -356,7 +279,7 @@ class InstructionTask(Task):
         found = [extract_answer(t, pattern) for t in texts]
         return [words.index(f) if f is not None else None for f in found]
 
-    def evaluate(self, module: FederatedModel, loaders: Mapping[str, Any], fabric: Any) -> TaskEvaluation:
+    def evaluate(self, module: TaskModel, loaders: Mapping[str, Any], fabric: Any) -> TaskEvaluation:
         modes = ("generation", "likelihood") if self.eval_mode == "both" else (self.eval_mode,)
         metrics: dict[str, float] = {}
         per_mode: dict[str, list[float]] = {m: [] for m in modes}
