@@ -343,9 +343,11 @@ def _validate_deployment(cfg: DictConfig) -> None:
                 key, value, "an existing path (python -m ubsmoe.apps.certificates makes them; docs/flower.md)"
             )
     keys = Path(str(get(cfg, "backend.supernode_keys"))).expanduser()
-    missing = [f"client-{c}.pub" for c in range(int(get(cfg, "federation.num_clients"))) if not (keys / f"client-{c}.pub").is_file()]
-    if missing:
-        raise ConfigError("backend.supernode_keys", str(keys), f"a folder with every client's public key ({missing[0]} is missing)")
+    for cid in range(int(get(cfg, "federation.num_clients"))):
+        if not (keys / f"client-{cid}.pub").is_file():
+            raise ConfigError(
+                "backend.supernode_keys", str(keys), f"a folder with every client's public key (client-{cid}.pub is missing)"
+            )
 
 
 def _warn_candidates(cfg: DictConfig, num_experts: int) -> None:

@@ -52,7 +52,7 @@ def is_loopback(address: str) -> bool:
 
 @dataclass(frozen=True)
 class Deployment:
-    """Where the SuperLink listens and who may talk to it (``backend.superlink``, ``insecure``, ``tls``, ``supernode_keys``)."""
+    """Where the SuperLink listens and who may talk to it (the deployment keys of the ``backend`` group)."""
 
     superlink: str
     insecure: bool = False
