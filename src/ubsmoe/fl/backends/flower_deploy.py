@@ -91,13 +91,14 @@ class Deployment:
 
     def connection_toml(self) -> str:
         """The flwr CLI's ``config.toml`` with one SuperLink connection, :data:`CONNECTION`, as default."""
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
-        lines.append(f'address = "{self.superlink}"')
+        import tomli_w  # deferred: part of the optional Flower dependencies
+
+        connection: dict[str, Any] = {"address": self.superlink}
         if self.insecure:
-            lines.append("insecure = true")
+            connection["insecure"] = True
         else:
-            lines.append(f'root-certificates = "{self.ca_cert}"')
-        return "\n".join(lines) + "\n"
+            connection["root-certificates"] = str(self.ca_cert)
+        return tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
 
     # ------------------------------------------------------------------ commands
     def superlink_argv(self) -> list[str]:
