@@ -268,9 +268,10 @@ def test_deployment_mode_writes_the_run_config_the_server_app_reads(
     from ubsmoe.fl.backends.flower_config import config_from_run_config
 
     out = tmp_path / "run"
-    result = _run(out, *TINY, "backend=flower", "backend.mode=deployment", glue_dir=glue_dir, cache_dir=cache_dir)
+    deployment = ("backend=flower", "backend.mode=deployment", "backend.insecure=true")  # loopback: no credentials
+    result = _run(out, *TINY, *deployment, glue_dir=glue_dir, cache_dir=cache_dir)
     assert result is None and not (out / "metrics.jsonl").exists()  # nothing trains outside the SuperLink
-    assert f"flwr run {ROOT / 'flower-app'} <connection> --run-config" in capsys.readouterr().out
+    assert f"flwr run {ROOT / 'flower-app'} ubsmoe --run-config" in capsys.readouterr().out
     run_config = tomllib.loads((out / "flower_run_config.toml").read_text())
     assert set(run_config) == {"ubsmoe-config"}
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ubsmoe import names
 from ubsmoe.checks import get, optional, require_bool, require_choice, require_float, require_int
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.backends.flower_deploy import INSECURE_NOTE, TLS_KEYS, is_loopback, split_address
 from ubsmoe.fl.backends.flower_env import require_flwr
 from ubsmoe.fl.server_optim import check_server_optimizer
 from ubsmoe.fl.strategies import STRATEGIES
@@ -307,6 +308,8 @@ def _validate_run(cfg: DictConfig) -> None:
         require_float(cfg, "backend.client_cpus", 0.0, low_open=True)
         require_float(cfg, "backend.client_gpus", 0.0)
         require_float(cfg, "backend.node_wait", 0.0)
+        if get(cfg, "backend.mode") == "deployment":
+            _validate_deployment(cfg)
     if OmegaConf.select(cfg, "diagnostics.every") is not None:
         require_int(cfg, "diagnostics.every", 1)
         require_int(cfg, "diagnostics.probe_examples", 1)
@@ -318,6 +321,33 @@ def _validate_run(cfg: DictConfig) -> None:
         raise ConfigError("resume", resume, "null, true (latest checkpoint in the run directory) or an existing path")
     if resume is False:
         raise ConfigError("resume", resume, "null, true or a checkpoint path (false is spelled null)")
+
+
+def _validate_deployment(cfg: DictConfig) -> None:
+    """A deployment lets no one in: TLS files and SuperNode keys that exist, or insecure on loopback only."""
+    address = get(cfg, "backend.superlink")
+    try:
+        split_address(str(address))
+    except ValueError:
+        raise ConfigError("backend.superlink", address, "host:port ([addr]:port for IPv6)") from None
+    if require_bool(cfg, "backend.insecure"):
+        if not is_loopback(str(address)):
+            raise ConfigError(
+                "backend.insecure", True, f"false with backend.superlink={address} (not loopback): {INSECURE_NOTE}"
+            )
+        return
+    for key in (*(f"backend.tls.{k}" for k in TLS_KEYS), "backend.supernode_keys"):
+        value = get(cfg, key)
+        if value in (None, "") or not Path(str(value)).expanduser().exists():
+            raise ConfigError(
+                key, value, "an existing path (python -m ubsmoe.apps.certificates makes them; docs/flower.md)"
+            )
+    keys = Path(str(get(cfg, "backend.supernode_keys"))).expanduser()
+    for cid in range(int(get(cfg, "federation.num_clients"))):
+        if not (keys / f"client-{cid}.pub").is_file():
+            raise ConfigError(
+                "backend.supernode_keys", str(keys), f"a folder with every client's public key (client-{cid}.pub is missing)"
+            )
 
 
 def _warn_candidates(cfg: DictConfig, num_experts: int) -> None:

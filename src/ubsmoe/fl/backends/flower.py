@@ -24,13 +24,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ubsmoe import names
 from ubsmoe.fl.backends.base import ClientBackend, ClientJob, ClientResult, RoundContext
 from ubsmoe.fl.backends.flower_config import config_yaml_of, write_run_config
+from ubsmoe.fl.backends.flower_deploy import INSECURE_NOTE, Deployment
 from ubsmoe.fl.backends.flower_env import prepare_flower_env, require_flwr
 
 if TYPE_CHECKING:
@@ -54,6 +55,10 @@ class FlowerBackend(ClientBackend):
         client_cpus: float = 1.0,
         client_gpus: float = 0.0,
         node_wait: float = 60.0,
+        superlink: str = "127.0.0.1:9093",
+        insecure: bool = False,
+        tls: Mapping[str, Any] | None = None,
+        supernode_keys: str | None = None,
         grid: Any = None,
         client_app_factory: Callable[[str], Any] | None = None,
     ) -> None:
@@ -63,6 +68,8 @@ class FlowerBackend(ClientBackend):
         self.client_cpus = float(client_cpus)
         self.client_gpus = float(client_gpus)
         self.node_wait = float(node_wait)
+        # deployment only: how the SuperLink is started and reached (the commands host_deployment prints)
+        self.deployment = Deployment.from_options(superlink, insecure, tls, supernode_keys)
         self.grid = grid
         # Builds the ClientApp from the run's config YAML (simulation and in-process hosts). The
         # app layer above passes it in (ubsmoe.apps.flower_client.make_client_app), so this
@@ -267,14 +274,30 @@ def host_simulation(backend: FlowerBackend, cfg: DictConfig, run: Callable[[], T
 
 
 def host_deployment(backend: FlowerBackend, cfg: DictConfig, run: Callable[[], T]) -> T | None:
-    """Outside a SuperLink a deployment cannot start here: write the run config and say how to start it."""
-    del backend, run
-    path = write_run_config(cfg, Path(cfg.paths.output_dir) / "flower_run_config.toml")
+    """Outside a SuperLink a deployment cannot start here: write the run config and say how to start it.
+
+    Writes ``flower_run_config.toml`` (the run) and ``flwr/config.toml`` (the flwr CLI's
+    connection to the SuperLink: its address and the CA certificate, or ``insecure`` on
+    loopback) in the run directory, and prints the commands in order (also saved as
+    ``flower_deployment.txt``).
+    """
+    del run
+    out = Path(cfg.paths.output_dir)
+    path = write_run_config(cfg, out / "flower_run_config.toml")
+    home = out / "flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(backend.deployment.connection_toml())
     app = Path(__file__).resolve().parents[4] / "flower-app"  # the checkout's Flower App folder
+    steps = backend.deployment.instructions(
+        app if app.is_dir() else "flower-app", path, home, int(cfg.federation.num_clients)
+    )
+    (out / "flower_deployment.txt").write_text(steps + "\n")
+    if backend.deployment.insecure:
+        log.warning("%s", INSECURE_NOTE)
     print(
         "backend.mode=deployment: the federation runs on a SuperLink with one SuperNode per data owner.\n"
-        f"Run config written to {path}. Start it with:\n"
-        f"  flwr run {app if app.is_dir() else 'flower-app'} <connection> --run-config {path}\n"
+        f"Run config written to {path}; the flwr CLI's connection to the SuperLink to {home / 'config.toml'}.\n"
+        f"{steps}\n"
         "(docs/flower.md walks through a two-machine deployment)"
     )
     return None

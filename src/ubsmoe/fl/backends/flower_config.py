@@ -15,6 +15,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 RUN_CONFIG_KEY = "ubsmoe-config"  # the run config entry holding the resolved Hydra config (YAML)
+# paths resolved where the config is written: the ServerApp and ClientApps run in other directories
+ABSOLUTE_KEYS = (
+    "data.local_dir", "paths.cache_dir", "paths.root_dir", "paths.log_dir", "paths.output_dir",
+    "backend.tls.ca_cert", "backend.tls.server_cert", "backend.tls.server_key", "backend.supernode_keys",
+)  # fmt: skip
 NODE_PATH_KEYS = {"data-dir": "data.local_dir", "cache-dir": "paths.cache_dir"}
 
 
@@ -22,7 +27,7 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
     """The config with its data and cache paths absolute, so workers in other directories find them."""
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     assert isinstance(out, DictConfig)
-    for key in ("data.local_dir", "paths.cache_dir", "paths.root_dir", "paths.log_dir", "paths.output_dir"):
+    for key in ABSOLUTE_KEYS:
         value = OmegaConf.select(out, key)
         if value:
             OmegaConf.update(out, key, str(Path(str(value)).expanduser().resolve()))
