@@ -125,6 +125,7 @@ class PeakMemoryBackend(LocalBackend):
                 "peak_allocated_gib": gib(torch.cuda.max_memory_allocated()),
                 "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()),
             }
+            record("olmoe_1b_7b_tiers_so_far", self.peaks)  # kept if the run is cut short
         return sorted(results, key=lambda r: r.client_id)
 
 
