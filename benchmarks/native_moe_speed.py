@@ -67,8 +67,8 @@ DIMS = {
     "tiny": {"layers": 4, "batch": 8, "length": 128,
              "model": "OLMoE-style random: hidden 512, 64 experts, top-8, expert width 256, vocab 4096"},
     "olmoe-1b-7b": {"layers": 2, "batch": 16, "length": 256,
-                    "model": "OLMoE-1B-7B-0125 layer shapes, random: hidden 2048, 64 experts, top-8, expert width 1024, "
-                             "vocab 50304, 16 heads"},
+                    "model": "OLMoE-1B-7B-0125 layer shapes, random: hidden 2048, 64 experts, top-8, "
+                             "expert width 1024, vocab 50304, 16 heads"},
 }  # fmt: skip
 # (numerator, denominator) kinds of the ratios reported when both ran.
 RATIOS = {
@@ -184,7 +184,9 @@ def train_step(model, optim, ids, device: str, dtype: torch.dtype = torch.float3
     return time.perf_counter() - start
 
 
-def moe_inputs(model, ids, device: str, dtype: torch.dtype = torch.float32) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+def moe_inputs(
+    model, ids, device: str, dtype: torch.dtype = torch.float32
+) -> list[tuple[torch.nn.Module, torch.Tensor]]:
     """Each layer's MoE block with the hidden states that reach it in a forward pass."""
     captured = []
     hooks = [

@@ -62,7 +62,9 @@ def test_overrides_and_bad_values() -> None:
 
 
 def paper_config(folder: Path, *overrides: str):
-    return compose_config("experiment=commonsense_olmoe", f"model.backbone={folder}", "model.pretrained=false", *overrides)
+    return compose_config(
+        "experiment=commonsense_olmoe", f"model.backbone={folder}", "model.pretrained=false", *overrides
+    )
 
 
 def test_shrunk_folder_builds_through_the_native_adapter(tmp_path: Path) -> None:

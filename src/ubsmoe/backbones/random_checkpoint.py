@@ -90,7 +90,8 @@ def write_random_checkpoint(
 ) -> Path:
     """Write ``config.json`` of ``arch`` and the byte-level tokenizer into ``out`` (no weights); return ``out``."""
     tokenizer = tiny_tokenizer()
-    ids = {f"{name}_token_id": tokenizer.convert_tokens_to_ids(tok) for name, tok in (("pad", PAD), ("bos", BOS), ("eos", EOS))}
+    specials = (("pad", PAD), ("bos", BOS), ("eos", EOS))
+    ids = {f"{name}_token_id": tokenizer.convert_tokens_to_ids(token) for name, token in specials}
     config = architecture_config(arch, num_layers=num_layers, overrides={**ids, **(overrides or {})})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
