@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ubsmoe.backbones.native_convert import check_native_config, decoder_dims
+from ubsmoe.backbones.random_checkpoint import architecture_config
 
 GiB = 1024**3
 
@@ -127,14 +128,8 @@ def estimate_memory(
 
 
 def olmoe_1b_7b_config():
-    """allenai/OLMoE-1B-7B-0125's shapes (from its config.json), for an estimate without the hub."""
-    from transformers import OlmoeConfig
-
-    return OlmoeConfig(
-        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
-        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, max_position_embeddings=4096,
-        tie_word_embeddings=False, pad_token_id=1, bos_token_id=None, eos_token_id=50279,
-    )  # fmt: skip
+    """allenai/OLMoE-1B-7B-0125's shapes (its released config values), for an estimate without the hub."""
+    return architecture_config("olmoe-1b-7b")
 
 
 def report(config=None, budget_gib: float = 80.0, **options) -> str:
