@@ -155,9 +155,9 @@ class GroupedProducts:
     (:func:`grouped_mm`; tests put a float64 emulation with the same contract there).
     """
 
-    def __init__(self, plan: SortedAssignments, mm=grouped_mm) -> None:
+    def __init__(self, plan: SortedAssignments, mm=None) -> None:
         self.plan = plan
-        self.mm = mm
+        self.mm = grouped_mm if mm is None else mm
         self.num_experts = plan.counts.shape[0]
         self.tail = (plan.experts >= self.num_experts)[:, None] if plan.padded else None
 

@@ -190,6 +190,15 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
         )
 
     # ----------------------------------------------------------------- configuration
+    @property
+    def grouped_mm(self) -> bool:
+        """Shorthand for ``expert_kernel``: setting True asks for ``"grouped"``, False for ``"loop"``."""
+        return self.expert_kernel == "grouped"
+
+    @grouped_mm.setter
+    def grouped_mm(self, value: bool) -> None:
+        self.expert_kernel = "grouped" if value else "loop"
+
     def set_k(self, k: int) -> None:
         """Run ``k`` experts per token (a client's ``K_c``), ``1 <= k <= k_max``."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k_max:
