@@ -160,6 +160,7 @@ class GroupedProducts:
         self.mm = grouped_mm if mm is None else mm
         self.num_experts = plan.counts.shape[0]
         self.tail = (plan.experts >= self.num_experts)[:, None] if plan.padded else None
+        self.empty = (plan.counts == 0)[:, None, None]
 
     def _rows(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out = self.mm(a, w, self.plan.offsets)
@@ -179,7 +180,7 @@ class GroupedProducts:
 
     def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = self.mm(a.t(), b, self.plan.offsets)
-        return out.masked_fill_((self.plan.counts == 0)[:, None, None], 0.0)  # empty groups: zero, whatever the kernel
+        return out.masked_fill_(self.empty, 0.0)  # empty groups: zero, whatever the kernel
 
     def sums(self, a: torch.Tensor) -> torch.Tensor:
         # padding rows go to the extra bucket E (their rows are zero anyway)
