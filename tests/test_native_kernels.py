@@ -292,3 +292,48 @@ def test_gate_norm_at_k_below_top_k(family):
             torch.testing.assert_close(gates[gate_norm], raw, rtol=0, atol=0)
             assert bool((gates[gate_norm].sum(-1) < 1 - 1e-12).all())
     assert torch.equal(gates["model"], gates["renormalize"]) == (family == "qwen3_moe")
+
+
+def test_model_applies_native_missed_token_steps_after_the_optimizer_step():
+    """FederatedModel on a native decoder: starved experts' LoRA moves only by PG's step, after AdamW's."""
+    from ubsmoe.backbones import build_adapter
+    from ubsmoe.backbones.tiny import tiny_tokenizer
+    from ubsmoe.model import FederatedModel
+    from ubsmoe.settings import LoraSettings, MethodSettings, ModelSettings
+    from ubsmoe.tasks.instruction import InstructionTask, collate_right
+
+    tok = tiny_tokenizer()
+    task = InstructionTask(tokenizer=tok, answer_patterns={}, answer_words={}, eval_mode="likelihood")
+    settings = ModelSettings(
+        name="tiny_olmoe", backbone="tiny:olmoe", adapter="native",
+        lora=LoraSettings(rank=4, alpha=8, attention_targets=["q_proj", "v_proj"]),
+    )  # fmt: skip
+    module = FederatedModel(
+        adapter=build_adapter("native"), task=task, model=settings, method=MethodSettings(), num_tiers=1, init_seed=0
+    )  # fmt: skip
+    # 2 + 3 real tokens at K = 1: at most 5 of the 8 experts get one
+    batch = collate_right([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7, 8, 9], "labels": [7, 8, 9]}], 0)
+    module.train()
+    module.set_client(k=1)
+    module.set_token_mask(batch["attention_mask"].bool())
+    with torch.no_grad():  # B != 0, so that every LoRA tensor gets gradients and directions
+        for block in module.blocks.values():
+            block.lora.lora_B1.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
+            block.lora.lora_B2.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    optimizer = module.configure_optimizers()
+    before = {name: [t.detach().clone() for t in b.lora.tensors()] for name, b in module.blocks.items()}
+    module.training_step(batch, 0).backward()
+    starved = {name: b.counters("step")["expert_tokens"] == 0 for name, b in module.blocks.items()}
+    sinks = {name: b.pg_sink for name, b in module.blocks.items()}
+    module.on_after_backward()
+    assert all(sink is not None for sink in sinks.values()) and len(module._pending_pg_steps) == len(module.blocks)
+    for name, block in module.blocks.items():  # a starved expert has no gradient of its own
+        for t in block.lora.tensors():
+            assert torch.count_nonzero(t.grad[starved[name]]) == 0
+    optimizer.step()
+    moved = 0
+    for name, block in module.blocks.items():
+        for old, new in zip(before[name], block.lora.tensors(), strict=True):
+            moved += int(torch.count_nonzero(new.detach()[starved[name]] - old[starved[name]]) > 0)
+    assert any(bool(s.any()) for s in starved.values()) and moved > 0
+    assert module._pending_pg_steps == []
