@@ -300,7 +300,7 @@ def test_model_applies_native_missed_token_steps_after_the_optimizer_step():
     from ubsmoe.backbones.tiny import tiny_tokenizer
     from ubsmoe.model import FederatedModel
     from ubsmoe.settings import LoraSettings, MethodSettings, ModelSettings
-    from ubsmoe.tasks.instruction import InstructionTask, collate_right
+    from ubsmoe.tasks.instruction import InstructionTask
 
     tok = tiny_tokenizer()
     task = InstructionTask(tokenizer=tok, answer_patterns={}, answer_words={}, eval_mode="likelihood")
@@ -311,8 +311,12 @@ def test_model_applies_native_missed_token_steps_after_the_optimizer_step():
     module = FederatedModel(
         adapter=build_adapter("native"), task=task, model=settings, method=MethodSettings(), num_tiers=1, init_seed=0
     )  # fmt: skip
-    # 2 + 3 real tokens at K = 1: at most 5 of the 8 experts get one
-    batch = collate_right([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7, 8, 9], "labels": [7, 8, 9]}], 0)
+    # 2 + 3 real tokens at K = 1 (right padding): at most 5 of the 8 experts get one
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 0], [7, 8, 9]]),
+        "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]]),
+        "labels": torch.tensor([[5, 6, -100], [7, 8, 9]]),
+    }
     module.train()
     module.set_client(k=1)
     module.set_token_mask(batch["attention_mask"].bool())
