@@ -452,16 +452,16 @@ def test_balance_loss_and_tier_scale():
 
 
 def test_grouped_mm_products_match_the_loop():
-    """The grouped_mm products (opt-in, for GPUs) give the loop's values and gradients (float32, on CPU)."""
+    """The grouped_mm products (the default on CUDA) give the loop's values and gradients (float32, on CPU)."""
     from ubsmoe.smoe.native_kernels import grouped_mm_supported
 
     results = []
-    for grouped in (False, True):
+    for kernel in ("loop", "grouped"):
         model = tiny_model("olmoe", seed=11, num_experts_per_tok=4)
         sharpen_routers(model)
-        convert(model, lora_rank=4, grouped_mm=grouped)
+        convert(model, lora_rank=4, expert_kernel=kernel)
         block = model.model.layers[0].mlp
-        assert block.grouped_mm is grouped
+        assert block.expert_kernel == kernel
         with torch.no_grad():
             for t in block.lora.tensors():
                 t.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))

@@ -330,9 +330,8 @@ class FederatedModel(lightning.LightningModule):
                 coefficients = pseudo_gradient_coefficients(
                     c["tokens"], c["inactive_mass"], c["active_mass"], c["active_assignments"], block.k, pg.eta
                 )
-                # Native decoder blocks collect no missed-token sums: they use the shared_mean form
-                # (docs/paper.md, "PG expert signal on native blocks"; the native adapter warns).
-                if pg.expert_mode == "shared_mean" or not hasattr(block, "pg_sink"):
+                # both block kinds fill block.pg_sink in their kernels' backward (missed_tokens)
+                if pg.expert_mode == "shared_mean":
                     add_expert_pseudo_gradients(block.lora.tensors(), c["expert_tokens"], coefficients)
                 elif block.pg_sink is not None:
                     self._pending_pg_steps.append((block, missed_token_steps(block.pg_sink, coefficients)))

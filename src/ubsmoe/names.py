@@ -33,6 +33,8 @@ ROUTER_INITS = ("centroid", "zeros", "fitted")
 MOEFY_METHODS = ("weights", "coactivation")
 # model.* of the native adapter
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+EXPERT_KERNELS = ("auto", "grouped", "loop")  # model.expert_kernel (ubsmoe.smoe.native_kernels.products_class)
+GATE_NORMS = ("model", "renormalize")  # model.gate_norm (ubsmoe.smoe.native_layer)
 # data.* of data.kind=commonsense (ubsmoe.data.commonsense.BENCHMARKS, ubsmoe.tasks.instruction)
 BENCHMARKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 EVAL_MODES = ("likelihood", "generation", "both")

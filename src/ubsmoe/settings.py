@@ -150,6 +150,10 @@ class ModelSettings:
     pretrained: bool = True  # native: false = random init from the config (tiny CPU models)
     router_dtype: str | None = "float32"  # native: the trainable router's dtype (None = the weights' dtype)
     gradient_checkpointing: bool = False  # native: recompute each decoder layer in backward (less activation memory)
+    # native: the expert products; auto = grouped_mm on CUDA (no host sync), the per-expert loop on CPU
+    expert_kernel: str = one_of("auto", names.EXPERT_KERNELS)
+    # native: K_c gates as the family's rule (model: exact at K_c = top-k) or renormalised to sum 1 (smoe/native_layer)
+    gate_norm: str = one_of("model", names.GATE_NORMS)
     lora: LoraSettings = field(default_factory=LoraSettings)
     moefy: MoefySettings = field(default_factory=MoefySettings)
 

@@ -120,17 +120,11 @@ class NativeAdapter(BackboneAdapter):
         if model.dropout is not None and hasattr(net.config, "attention_dropout"):
             net.config.attention_dropout = float(model.dropout)
         options = moe_options(model, method, num_tiers)
-        if method.sparse and method.pg.expert and method.pg.expert_mode == "missed_tokens":
-            import warnings
-
-            warnings.warn(
-                "method.pg.expert_mode=missed_tokens is built for the moefy kernels; native decoder blocks apply "
-                "the shared_mean form of the PG expert signal (docs/paper.md)", UserWarning, stacklevel=2,
-            )  # fmt: skip
         convert(
             net, k_max=self.k_max(config, model), options=options,
             generator=torch.Generator().manual_seed(derive_seed(init_seed, "expert_lora")),
             router_dtype=DTYPES[model.router_dtype] if model.router_dtype else None,
+            expert_kernel=model.expert_kernel, gate_norm=model.gate_norm,
         )  # fmt: skip
         blocks_by_path = native_blocks(net)
         lora = model.lora

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ubsmoe.errors import ConfigError
+from ubsmoe.names import EXPERT_KERNELS, GATE_NORMS
 from ubsmoe.settings import Tier
 from ubsmoe.smoe.flops import DecoderDims
 from ubsmoe.smoe.layer import Activation, MoEOptions
@@ -141,7 +142,9 @@ def convert(
     dmr: bool = True,
     kappa: float = 1.0,
     np_ratio: float = 2.0,
+    num_candidates: int | None = None,
     pg_router: bool = True,
+    pg_expert_sink: bool = True,
     pg_momentum: float = 0.9,
     balance_loss: bool = False,
     num_tiers: int = 0,
@@ -149,7 +152,8 @@ def convert(
     generator: torch.Generator | None = None,
     lora_dtype: torch.dtype = torch.float32,
     router_dtype: torch.dtype | None = None,
-    grouped_mm: bool = False,
+    expert_kernel: str = "auto",
+    gate_norm: str = "model",
     freeze_base: bool = True,
 ) -> nn.Module:
     """Replace each sparse ``layer.mlp`` of ``model`` (in place) by a :class:`NativeSparseMoE`; return ``model``.
@@ -160,13 +164,21 @@ def convert(
     the routers, which become trainable; phi (with DMR), the expert LoRA and the tier scales are
     trainable. The config's ``output_router_logits`` is switched off: Hugging Face's auxiliary
     loss would ignore a client's K and phi (use ``balance_loss`` instead).
+
+    ``num_candidates`` is DMR's absolute N_p (None: ``ceil(np_ratio * K_c)``); ``pg_expert_sink``
+    collects the missed-token sums of the PG expert signal (``method.pg.expert_mode:
+    missed_tokens``, the default); ``expert_kernel`` (``auto | grouped | loop``) picks the
+    expert products (:func:`ubsmoe.smoe.native_kernels.products_class`); ``gate_norm``
+    (``model | renormalize``) how the K_c gates are normalised
+    (the choice is explained in :mod:`ubsmoe.smoe.native_layer`).
     """
     config = model.config
     rule = check_native_config(config, k_max)
     if options is None:
         options = MoEOptions(
-            lora_rank=lora_rank, lora_alpha=lora_alpha, dmr=dmr, kappa=kappa, np_ratio=np_ratio, pg_router=pg_router,
-            pg_momentum=pg_momentum, balance_loss=balance_loss, num_tiers=num_tiers,
+            lora_rank=lora_rank, lora_alpha=lora_alpha, dmr=dmr, kappa=kappa, np_ratio=np_ratio,
+            num_candidates=num_candidates, pg_router=pg_router, pg_expert_sink=pg_expert_sink, pg_momentum=pg_momentum,
+            balance_loss=balance_loss, num_tiers=num_tiers,
         )  # fmt: skip
     if isinstance(options.lora_rank, bool) or not isinstance(options.lora_rank, int) or options.lora_rank < 0:
         raise ConfigError("model.lora.rank", options.lora_rank, "an integer >= 0 (0 = no expert LoRA)")
@@ -174,6 +186,12 @@ def convert(
         raise ConfigError("method.dmr.np_ratio", options.np_ratio, "a number >= 1 (the candidates contain the top K)")
     if not 0.0 <= options.pg_momentum < 1.0:
         raise ConfigError("method.pg.default_momentum", options.pg_momentum, "a number in [0, 1)")
+    if options.num_candidates is not None and (isinstance(options.num_candidates, bool) or options.num_candidates < 1):
+        raise ConfigError("method.dmr.num_candidates", options.num_candidates, "null or an integer >= 1")
+    if expert_kernel not in EXPERT_KERNELS:
+        raise ConfigError("model.expert_kernel", expert_kernel, f"one of {list(EXPERT_KERNELS)}")
+    if gate_norm not in GATE_NORMS:
+        raise ConfigError("model.gate_norm", gate_norm, f"one of {list(GATE_NORMS)}")
     if any(isinstance(m, NativeSparseMoE) for m in model.modules()):
         raise ValueError("model is already converted")
     generator = generator or torch.Generator().manual_seed(0)
@@ -200,8 +218,8 @@ def convert(
         layer.mlp = NativeSparseMoE(
             mlp.gate, experts, rule=rule, activation=activation, k_max=k_max, shared_expert=shared,
             shared_expert_gate=shared_gate, options=options, generator=generator, lora_dtype=lora_dtype,
+            gate_norm=gate_norm, expert_kernel=expert_kernel,
         )  # fmt: skip
-        layer.mlp.grouped_mm = bool(grouped_mm)
         converted += 1
     if converted == 0:
         raise ValueError(f"{type(model).__name__} has no sparse MoE layer to convert")

@@ -137,14 +137,21 @@ class RoutingCounters:
         self.register_buffer("step_counters", counters.clone(), persistent=False)  # type: ignore[attr-defined]
 
     @torch.no_grad()
-    def _add_counts(self, counts: torch.Tensor, inactive_mass: torch.Tensor, n: int, training: bool) -> None:
+    def _add_counts(
+        self, counts: torch.Tensor, inactive_mass: torch.Tensor, n: int | torch.Tensor, training: bool
+    ) -> None:
         """One pass over ``n`` real tokens: tokens per expert and router mass on inactive experts.
 
-        The masses are summed in ``inactive_mass``'s dtype (the block's choice), then counted in float64.
+        The masses are summed in ``inactive_mass``'s dtype (the block's choice), then counted in
+        float64. ``n`` may be a 0-d device tensor, so a GPU block never waits for the host here.
         """
-        active_mass = n - inactive_mass.sum()  # each real token's probabilities sum to one
-        stats = torch.cat([counts.to(inactive_mass.dtype), inactive_mass, inactive_mass.new_tensor([n]),
-                           active_mass.view(1), inactive_mass.new_tensor([n * self.k])]).double()  # fmt: skip
+        if isinstance(n, torch.Tensor):
+            n_vec = n.reshape(1).to(inactive_mass.dtype)
+        else:
+            n_vec = inactive_mass.new_full((1,), n)  # a fill, not a host-to-device copy
+        active_mass = n_vec - inactive_mass.sum()  # each real token's probabilities sum to one
+        stats = torch.cat([counts.to(inactive_mass.dtype), inactive_mass, n_vec, active_mass,
+                           n_vec * self.k]).double()  # fmt: skip
         self.tel_counters.add_(stats)
         if training:
             self.step_counters.add_(stats)

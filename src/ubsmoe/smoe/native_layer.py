@@ -7,17 +7,23 @@ those tensors as they are (the same ``Parameter`` objects, so no copy and no ext
 and adds what UB-SMoE needs on top, with the surface of :class:`ubsmoe.smoe.layer.SparseMoE`
 (``set_k``, ``phi``, ``router``, ``lora``, counters, PG defaults, ``aux_loss``, ``token_mask``):
 
-- routing: the router logits, DMR-modulated on the candidates (:func:`ubsmoe.smoe.routing.modulate`),
-  softmax over the ``E`` experts in float32, the top ``K_c`` among the candidates; the gates are the backbone's own
-  (those probabilities, renormalised over the ``K_c`` exactly when the model's config says so).
+- routing: the router logits, DMR-modulated on the candidates ``T(x)`` (the top
+  ``max(K_c, N_p)`` logits, ``N_p`` = ``method.dmr.num_candidates`` or ``ceil(np_ratio K_c)``,
+  the encoders' rule: :func:`ubsmoe.smoe.routing.num_candidates`), softmax over the ``E``
+  experts in float32, the top ``K_c`` among the candidates; the gates are the backbone's own
+  (those probabilities, renormalised over the ``K_c`` exactly when the model's config says so),
+  or always renormalised with ``gate_norm="renormalize"`` (:class:`NativeSparseMoE`).
   At ``K_c`` = the model's top-k, phi = 0 and LoRA B = 0 this is the Hugging Face block.
-- dispatch: the ``(token, expert)`` assignments of real tokens sorted by expert, one gather,
-  per-expert products on contiguous rows, one ``index_add``: the cost scales with ``K_c``
-  (the kernel is :mod:`ubsmoe.smoe.native_kernels`).
+- dispatch: the ``(token, expert)`` assignments sorted by expert (padding's behind all
+  others), one gather, grouped products over the expert segments (or a loop of them), one
+  ``index_add``: the cost scales with ``K_c`` and nothing waits for the host
+  (the kernel is :mod:`ubsmoe.smoe.native_kernels`, chosen by ``expert_kernel``).
 - expert LoRA (:class:`NativeExpertLoRA`) on the routed rows only, on gate_up and on down.
 - PG: the router signal ``y += sum_{i not active} (p_i - sg p_i) sg(D_i)`` with ``D_i`` the
-  running mean of expert ``i``'s (ungated) output on its tokens; the expert signal is applied
-  by the caller from the ``"step"`` counters, exactly as for the dense case.
+  running mean of expert ``i``'s (ungated) output on its tokens; the expert signal in either
+  mode of ``method.pg.expert_mode``: ``missed_tokens`` (the kernel's backward pass fills
+  :attr:`NativeSparseMoE.pg_sink`, applied after the optimizer step by the model, as for
+  the encoders) or ``shared_mean`` (from the ``"step"`` counters before the step).
 - an optional always-on shared expert with a sigmoid gate (Qwen2-MoE), frozen.
 """
 
@@ -29,23 +35,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ubsmoe.names import EXPERT_KERNELS, GATE_NORMS
 from ubsmoe.smoe.layer import Activation, MoEOptions, RoutingCounters
 from ubsmoe.smoe.lora import ExpertLoRA
 from ubsmoe.smoe.native_kernels import (
-    GroupedProducts,
-    SegmentProducts,
+    MissedTokenArgs,
     SortedAssignments,
     SwiGLUExperts,
-    grouped_mm_supported,
+    products_class,
+    sort_assignments,
 )
-from ubsmoe.smoe.pseudo_grad import expert_mean_outputs, router_signal, update_defaults
-from ubsmoe.smoe.routing import Routing, modulate, num_candidates, switch_balance_loss
+from ubsmoe.smoe.pseudo_grad import MissedTokenSink, expert_mean_outputs, router_signal, update_defaults
+from ubsmoe.smoe.routing import Routing, candidate_mask, num_candidates, switch_balance_loss
 
-
-def candidate_mask(logits: torch.Tensor, n_candidates: int) -> torch.Tensor:
-    """[N, E] bool: each token's top ``n_candidates`` experts of the unmodulated ``logits`` (DMR's T(x))."""
-    candidates = logits.detach().topk(n_candidates, dim=-1).indices
-    return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, candidates, True)
 
 
 def recomputing_in_backward() -> bool:
@@ -96,6 +98,23 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
     reference), ``shared_expert``/``shared_expert_gate`` the backbone's (Qwen2-MoE) or ``None``.
     Set ``token_mask`` ([B, L] bool) before a forward pass with padding: padding tokens are
     never dispatched nor counted (the shared expert still runs on them, as in the backbone).
+
+    ``gate_norm`` (``model.gate_norm``) says how the ``K_c`` routing probabilities become gates:
+
+    - ``"model"`` (the default): the family's own rule (OLMoE and Qwen2-MoE renormalise
+      exactly when the config's ``norm_topk_prob`` says so, Qwen3-MoE's checkpoints do,
+      Mixtral always). Chosen because at ``K_c`` = top-k it is the released model bit for bit
+      in every family, so the full-budget tier starts from the checkpoint itself and the
+      method changes nothing the paper does not. Its cost: a weak tier of a family that does
+      not renormalise (OLMoE) keeps the raw probability mass of its ``K_c`` experts, so its
+      MoE output is smaller than the full tier's and its LoRA (and ``tier_scale``, when on)
+      must learn the difference.
+    - ``"renormalize"``: the ``K_c`` gates are divided by their sum (1 per token in every
+      tier), so a weak OLMoE tier keeps the output's scale; at ``K_c`` = top-k this moves
+      OLMoE's full tier away from the checkpoint (its top-8 mass is well below 1).
+
+    ``expert_kernel`` (``model.expert_kernel``: ``auto | grouped | loop``) picks the expert
+    products (:func:`ubsmoe.smoe.native_kernels.products_class`).
     """
 
     def __init__(
@@ -111,9 +130,15 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
         options: MoEOptions | None = None,
         generator: torch.Generator | None = None,
         lora_dtype: torch.dtype = torch.float32,
+        gate_norm: str = "model",
+        expert_kernel: str = "auto",
     ) -> None:
         super().__init__()
         options = options or MoEOptions()
+        if gate_norm not in GATE_NORMS:
+            raise ValueError(f"gate_norm={gate_norm!r} must be one of {GATE_NORMS}")
+        if expert_kernel not in EXPERT_KERNELS:
+            raise ValueError(f"expert_kernel={expert_kernel!r} must be one of {EXPERT_KERNELS}")
         gate_up, down = experts.gate_up_proj, experts.down_proj
         e, two_d, h = gate_up.shape
         if two_d % 2 or tuple(down.shape) != (e, h, two_d // 2) or tuple(router.weight.shape) != (e, h):
@@ -126,15 +151,17 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
             raise ValueError(f"k_max={k_max} must lie in [1, {e}]")
         self.num_experts, self.expert_size, self.hidden_size = e, two_d // 2, h
         self.rule = rule
+        self.gate_norm = gate_norm
+        self.renormalize = rule.renormalize or gate_norm == "renormalize"
         self.options = options
         self.activation = activation
         self.k_max = k_max
         self.k = min(rule.top_k, k_max)
         self.tier_index = 0
         self.dispatch = "sorted"  # "sorted" (SwiGLUExperts kernel) | "autograd" (reference, for tests)
-        # the kernel's products: False = a loop of mm per expert (tested everywhere); True =
-        # torch's grouped_mm where dtype and alignment allow (fewer launches on a GPU; not run on one here)
-        self.grouped_mm = False
+        # the kernel's products (native_kernels.products_class): auto = grouped_mm on CUDA where
+        # dtype and alignment allow, the loop of mm per expert elsewhere; grouped; loop
+        self.expert_kernel = expert_kernel
         self.token_mask: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self._signal_defaults: torch.Tensor | None = None  # the D_i this step's router signal used
@@ -153,14 +180,25 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
         self.register_buffer("pg_default", torch.zeros(e, h, device=device))
         self.register_buffer("pg_default_ready", torch.zeros(e, dtype=torch.bool, device=device))
         self._init_counters(device)
+        self.pg_sink: MissedTokenSink | None = None  # this step's missed-token sums (PG expert_mode=missed_tokens)
 
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, k={self.k}, k_max={self.k_max}, top_k={self.rule.top_k}, "
-            f"renormalize={self.rule.renormalize}, expert_size={self.expert_size}, dispatch={self.dispatch}"
+            f"renormalize={self.renormalize}, expert_size={self.expert_size}, dispatch={self.dispatch}, "
+            f"expert_kernel={self.expert_kernel}"
         )
 
     # ----------------------------------------------------------------- configuration
+    @property
+    def grouped_mm(self) -> bool:
+        """Shorthand for ``expert_kernel``: setting True asks for ``"grouped"``, False for ``"loop"``."""
+        return self.expert_kernel == "grouped"
+
+    @grouped_mm.setter
+    def grouped_mm(self, value: bool) -> None:
+        self.expert_kernel = "grouped" if value else "loop"
+
     def set_k(self, k: int) -> None:
         """Run ``k`` experts per token (a client's ``K_c``), ``1 <= k <= k_max``."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k_max:
@@ -169,6 +207,7 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
 
     # ----------------------------------------------------------------- routing
     def _valid(self, num_tokens: int) -> torch.Tensor | None:
+        """The real tokens ``[N]`` (``None``: all). Not checked for all-true: that would wait for the device."""
         if self.token_mask is None:
             return None
         valid = self.token_mask.reshape(-1).bool()
@@ -177,7 +216,12 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
                 f"token_mask has {valid.shape[0]} entries for {num_tokens} tokens (set token_mask = None for "
                 "generation, or to this batch's [batch, length] mask)"
             )
-        return None if bool(valid.all()) else valid
+        return valid
+
+    def num_candidates(self) -> int:
+        """DMR's ``|T(x)|`` at the current K: ``max(K_c, N_p)`` capped at E (the encoders' rule)."""
+        options = self.options
+        return num_candidates(self.k, self.num_experts, options.np_ratio, options.num_candidates)
 
     def route(self, x: torch.Tensor) -> tuple[Routing, torch.Tensor]:
         """Routing of ``x [N, h]`` at the current K, and the gates ``[N, K]`` of its active experts."""
@@ -189,17 +233,21 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         candidates = None
         if self.options.dmr:
-            n_candidates = num_candidates(k, e, self.options.np_ratio)
+            # DMR (smoe/routing.modulate, with the candidate mask computed once): kappa * phi on T(x) only
+            shift = self.options.kappa * self.phi.to(logits.dtype)
+            n_candidates = self.num_candidates()
             if n_candidates < e:
                 candidates = candidate_mask(logits, n_candidates)
-            logits = modulate(logits, self.phi.to(logits.dtype), self.options.kappa, n_candidates)
+                logits = logits + shift * candidates.to(logits.dtype)
+            else:
+                logits = logits + shift
         probs = torch.softmax(logits, dim=-1)
         # the active set is the top K among the candidates T(x) (DESIGN.md section 3): a
         # negative phi can push a candidate down but never let a non-candidate in
         selection = probs.detach() if candidates is None else probs.detach().masked_fill(~candidates, -1.0)
         experts = selection.topk(k, dim=-1).indices
         top = probs.gather(-1, experts)
-        if self.rule.renormalize:
+        if self.renormalize:
             top = top / top.sum(dim=-1, keepdim=True)
         active = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, experts, True)
         return Routing(logits=logits, probs=probs, experts=experts, active=active), top.to(x.dtype)
@@ -207,27 +255,21 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
     def sort_assignments(
         self, experts: torch.Tensor, gates: torch.Tensor, valid: torch.Tensor | None
     ) -> SortedAssignments:
-        """Sort the (token, expert) assignments of the real tokens by expert (stable: tokens ascending)."""
-        n, k = experts.shape
-        if valid is None:
-            flat_experts, flat_gates = experts.reshape(-1), gates.reshape(-1)
-            flat_tokens = torch.arange(n, device=experts.device).repeat_interleave(k)
-        else:
-            token_ids = valid.nonzero().squeeze(1)
-            flat_experts = experts.index_select(0, token_ids).reshape(-1)
-            flat_gates = gates.index_select(0, token_ids).reshape(-1)
-            flat_tokens = token_ids.repeat_interleave(k)
-        experts_sorted, order = torch.sort(flat_experts, stable=True)
-        counts = torch.bincount(experts_sorted, minlength=self.num_experts)
-        return SortedAssignments(flat_tokens.index_select(0, order), flat_gates.index_select(0, order), counts)
+        """Sort the (token, expert) assignments by expert (stable: tokens ascending), padding's last."""
+        return sort_assignments(experts, gates, valid, self.num_experts)
 
     # ----------------------------------------------------------------- experts
     def run_experts(
-        self, x: torch.Tensor, plan: SortedAssignments, want_sums: bool
+        self,
+        x: torch.Tensor,
+        plan: SortedAssignments,
+        want_sums: bool,
+        missed: MissedTokenArgs | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``sum_e g_e E_e(x)`` over the plan's assignments ``[N, h]``; per-expert sums of the hidden units.
 
-        Computed in the expert stacks' dtype (the adapters and gates are cast to it), returned in ``x``'s.
+        Computed in the expert stacks' dtype (the adapters and gates are cast to it), returned in
+        ``x``'s. ``missed``: the PG expert signal's sink, filled by the backward pass.
         """
         if self.dispatch == "autograd":
             return self.run_experts_autograd(x, plan, want_sums)
@@ -238,11 +280,10 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
             scaling = self.lora.scaling
         else:
             lora, scaling = (None,) * 4, 1.0
-        grouped = self.grouped_mm and grouped_mm_supported(x, gate_up, down, *(t for t in lora if t is not None))
-        products = GroupedProducts if grouped else SegmentProducts
+        kernel = products_class(self.expert_kernel, x, gate_up, down, *(t for t in lora if t is not None))
         y, sums = SwiGLUExperts.apply(
             x.to(dtype), plan.gates.to(dtype), *lora, plan, gate_up.detach(), down.detach(), scaling, self.activation,
-            want_sums, products,
+            want_sums, kernel(plan), missed,
         )  # fmt: skip
         return y.to(x.dtype), (sums if want_sums else None)
 
@@ -276,8 +317,9 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
                 sums[e] = hidden.detach().sum(0)
         y = x.new_zeros(x.shape)
         if outputs:
-            ys = torch.cat(outputs) * plan.gates[:, None]
-            y = y.index_add(0, plan.tokens, ys)
+            ys = torch.cat(outputs)
+            real = ys.shape[0]  # the padding assignments sit behind the segments
+            y = y.index_add(0, plan.tokens[:real], ys * plan.gates[:real, None])
         return y, sums
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -296,8 +338,14 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
         probs = routing.probs
         plan = self.sort_assignments(routing.experts, gates, valid)
         want_sums = training and self.options.pg_router and not recompute
-        y, sums = self.run_experts(x, plan, want_sums)
         inactive = ~routing.active if valid is None else (~routing.active) & valid[:, None]
+        missed = None
+        if training and self.options.pg_expert_sink and self.lora is not None and self.k < self.num_experts:
+            # the backward pass (of the recomputed graph under checkpointing: it runs once) fills the sink
+            if self.pg_sink is None:
+                self.pg_sink = MissedTokenSink()
+            missed = MissedTokenArgs(self.pg_sink, probs.detach() * inactive.to(probs.dtype))
+        y, sums = self.run_experts(x, plan, want_sums, missed)
         if training and self.options.pg_router:
             if not recompute or self._signal_defaults is None:
                 self._signal_defaults = self.pg_default.clone()  # D_i is updated in place below
@@ -315,7 +363,7 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
             self._record(probs, inactive, plan.counts, valid, training)
         self.aux_loss = None
         if training and self.options.balance_loss:
-            self.aux_loss = switch_balance_loss(probs if valid is None else probs[valid], plan.counts, self.k)
+            self.aux_loss = switch_balance_loss(probs, plan.counts, self.k, valid)
         return y.view(shape)
 
     # ----------------------------------------------------------------- statistics
@@ -340,8 +388,9 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
         valid: torch.Tensor | None,
         training: bool,
     ) -> None:
-        n = probs.shape[0] if valid is None else int(valid.sum())
+        n = probs.shape[0] if valid is None else valid.sum()  # a device tensor: no wait for the host
         self._add_counts(counts, (probs.detach().double() * inactive).sum(0), n, training)  # summed in float64
 
     def reset_step(self) -> None:
         self.step_counters.zero_()
+        self.pg_sink = None

@@ -114,15 +114,25 @@ def range_penalty(phi: torch.Tensor, phi_min: float, phi_max: float, weight: flo
     return weight * (below.square().sum() + above.square().sum())
 
 
-def switch_balance_loss(probs: torch.Tensor, expert_counts: torch.Tensor, k: int) -> torch.Tensor:
+def switch_balance_loss(
+    probs: torch.Tensor, expert_counts: torch.Tensor, k: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch-Transformer load-balancing loss ``M * sum_i f_i * P_i`` (1 at perfect balance).
 
     ``f_i`` is the fraction of the ``N * K`` assignments that went to expert ``i`` (no
     gradient), ``P_i`` the mean router probability of expert ``i`` over the ``N`` tokens.
+    ``valid`` ``[N]`` (bool) restricts both to the real tokens without indexing by it (no
+    host synchronisation on a GPU).
     """
     num_tokens, num_experts = probs.shape
     if num_tokens == 0:
         return probs.sum() * 0.0
-    fraction = expert_counts.to(probs.dtype) / float(num_tokens * k)
-    mean_prob = probs.mean(dim=0)
+    if valid is None:
+        fraction = expert_counts.to(probs.dtype) / float(num_tokens * k)
+        mean_prob = probs.mean(dim=0)
+    else:
+        real = valid.to(probs.dtype)
+        n = real.sum().clamp_min(1.0)
+        fraction = expert_counts.to(probs.dtype) / (n * k)
+        mean_prob = (real @ probs) / n
     return num_experts * (fraction * mean_prob).sum()
