@@ -351,7 +351,8 @@ class FederatedLoop:
                 main_metric=scored.main_metric,
                 flops_per_example=self.tier_flops(tier_index),
                 utilization={
-                    layer: t["expert_tokens"].double() / max(float(t["tokens"]), 1.0) for layer, t in telemetry.items()
+                    layer: t["expert_tokens"].double().cpu() / max(float(t["tokens"]), 1.0)  # a record, kept on CPU
+                    for layer, t in telemetry.items()
                 },
                 max_load_fraction={layer: float(t["max_load_fraction"]) for layer, t in telemetry.items()},
             )
