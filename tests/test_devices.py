@@ -2,7 +2,7 @@
 
 Client replies arrive as :class:`Elsewhere` tensors: CPU tensors that behave as if they
 lived on another device (an accelerator): any operation that mixes one with an ordinary
-tensor of more than one element raises, as torch does for ``cuda:0`` and ``cpu``, and
+tensor that is not zero-dimensional raises, as torch does for ``cuda:0`` and ``cpu``, and
 ``.to(device)`` returns an ordinary tensor. Every method (``ubsmoe.names.METHODS``), every
 server optimizer it accepts and DMR's phi update run two rounds of the real loop's receive
 path on such replies: nothing may raise, and the whole server state must come out ordinary
@@ -51,9 +51,11 @@ class Elsewhere(torch.Tensor):
                 return torch.Tensor.as_subclass(out.clone(), torch.Tensor)
         if func is not torch.Tensor.copy_:  # copying across devices is allowed, as in torch
             with torch._C.DisableTorchFunctionSubclass():
-                ordinary = [t for t in flat if isinstance(t, torch.Tensor) and not isinstance(t, cls) and t.numel() > 1]
+                ordinary = [
+                    t for t in flat if isinstance(t, torch.Tensor) and not isinstance(t, cls) and t.dim() > 0
+                ]
             if ordinary:
-                raise RuntimeError(f"Expected all tensors to be on the same device ({func.__name__}: elsewhere and cpu)")
+                raise RuntimeError(f"Expected all tensors to be on the same device ({func.__name__}: elsewhere, cpu)")
         return super().__torch_function__(func, types, args, kwargs)
 
 
@@ -91,7 +93,11 @@ class FakeModule:
 
     def __init__(self, method: MethodSettings) -> None:
         g = torch.Generator().manual_seed(0)
-        shapes = {"enc.q.lora_A.default.weight": (RANK, 6), "enc.q.lora_B.default.weight": (5, RANK), "head.weight": (2, 5)}
+        shapes = {
+            "enc.q.lora_A.default.weight": (RANK, 6),
+            "enc.q.lora_B.default.weight": (5, RANK),
+            "head.weight": (2, 5),
+        }
         if method.sparse:
             shapes |= {
                 f"{LAYER}.router.weight": (NUM_EXPERTS, 6),
@@ -150,7 +156,8 @@ class ElsewhereBackend(ClientBackend):
         results = []
         for job in jobs:
             g = torch.Generator().manual_seed(1000 * job.round_idx + job.client_id)
-            noisy = {n: t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in job.payload.state.items()}
+            state = job.payload.state
+            noisy = {n: t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in state.items()}
             defaults = {n: t + torch.rand(t.shape, generator=g) for n, t in job.payload.pg_defaults.items()}
             counts = torch.randint(0, 20, (NUM_EXPERTS,), generator=g).to(torch.float32)
             telemetry = {LAYER: {"expert_tokens": counts, "tokens": counts.sum() / 2}} if self.sparse else {}
@@ -191,7 +198,8 @@ def make_loop(method: str, optimizer: str, output_dir: Path) -> tuple[FederatedL
     )  # fmt: skip
     callbacks: list[Any] = [DMRCallback(settings.dmr, module.phi_names())]
     loop = FederatedLoop(
-        fabric=FakeFabric(callbacks), module=module, data=FakeData(), specs=make_client_specs(4, tier_specs),  # type: ignore[arg-type]
+        fabric=FakeFabric(callbacks), module=module, data=FakeData(),  # type: ignore[arg-type]
+        specs=make_client_specs(4, tier_specs),
         tier_specs=tier_specs, strategy=strategy, sampler=ClientSampler(4, 3, seed=0), callbacks=callbacks, seed=0,
         rounds=10, local_steps=2, local_epochs=None, eval_every=100, output_dir=output_dir, checkpoint=False,
         fingerprint={}, backend=ElsewhereBackend(settings.sparse), progress=False,

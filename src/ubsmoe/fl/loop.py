@@ -35,9 +35,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ubsmoe.settings import Tier
 from ubsmoe.errors import ConfigError
-from ubsmoe.fl.backends import ClientBackend, ClientJob, LocalBackend
+from ubsmoe.fl.backends import ClientBackend, ClientJob, ClientResult, LocalBackend
 from ubsmoe.fl.checkpoint import CHECKPOINT_DIR, CheckpointStore, SignalGuard, pause_for_test
-from ubsmoe.fl.backends.base import ClientResult
 from ubsmoe.fl.client import ClientSpec, ClientUpdate, load_payload
 from ubsmoe.fl.faults import DroppedClient, FaultLog, FaultPolicy
 from ubsmoe.fl.server import ClientSampler, ServerState, aggregate_utilization, owning_layer
