@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,9 +65,13 @@ def test_codec_round_trips_payload_and_update_bit_for_bit() -> None:
         pg_defaults={"enc.layer.0.ffn": torch.randn(8, 4, generator=g)},
         train_loss=0.123456789,
         num_steps=2,
+        train_seconds=0.25,
     )
     back, seconds = decode_update(encode_update(update, 1.5), spec(5))
     assert seconds == 1.5 and back.num_examples == 42 and back.num_steps == 2 and back.train_loss == 0.123456789
+    assert back.train_seconds == 0.25 and back.peak_memory_bytes is None  # measured nowhere off CUDA
+    measured, _ = decode_update(encode_update(replace(update, peak_memory_bytes=123456789), 1.5), spec(5))
+    assert measured.peak_memory_bytes == 123456789
     assert back.state["w"].dtype == torch.bfloat16 and torch.equal(back.state["w"], update.state["w"])
     assert torch.equal(back.telemetry["enc.layer.0.ffn"]["expert_tokens"], torch.arange(8.0))
     assert float(back.telemetry["enc.layer.0.ffn"]["tokens"]) == 99.0

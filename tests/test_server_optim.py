@@ -19,6 +19,7 @@ from helpers import compose_config, make_update
 
 from ubsmoe.validate import validate
 from ubsmoe.errors import ConfigError
+from ubsmoe.fl.client import ClientUpdate
 from ubsmoe.fl.server import ServerState
 from ubsmoe.fl.server_optim import ServerOptimizer, build_server_optimizer
 from ubsmoe.fl.strategies import FedAvg, FLoRA, FlexLoRA, HetLoRA, SparseMoEStrategy
@@ -295,6 +296,33 @@ def test_phi_and_pg_defaults_keep_their_own_updates() -> None:
     router = "backbone.encoder.layer.0.intermediate.router.weight"
     assert not torch.allclose(server.global_state[router], plain.global_state[router])  # the optimizer did act
     assert opt.names == [router]
+
+
+def test_flame_tier_absent_from_a_round_keeps_its_scale_under_fedadam() -> None:
+    """A tier's scale changes only through its own clients: momentum from earlier rounds must not move it."""
+    scale, router = "enc.ffn.tier_scale", "enc.ffn.router.weight"
+    strategy = SparseMoEStrategy(expert_tensor_names=[], exponent=2.0)
+    opt = build_server_optimizer(ServerSettings(optimizer="fedadam", lr=0.05), strategy)
+    server = ServerState(round=0, global_state={scale: torch.ones(2), router: torch.zeros(4, 3)})
+    counts = {"enc.ffn": torch.tensor([5.0, 3.0, 0.0, 2.0])}
+
+    def round_of(tiers: list[int], round_idx: int) -> list[ClientUpdate]:
+        g = torch.Generator().manual_seed(round_idx)
+        updates = []
+        for c, tier in enumerate(tiers):
+            state = {k: v + torch.randn(v.shape, generator=g) for k, v in server.global_state.items()}
+            update = make_update(state, num_examples=10 + c, expert_tokens=counts, tokens=10.0, client_id=c)
+            updates.append(replace(update, spec=replace(update.spec, tier_index=tier)))
+        return updates
+
+    for r, tiers in enumerate([[0, 1, 1], [0, 1], [0, 0]]):  # tier 1 is absent from the last round
+        before = server.global_state
+        strategy.aggregate(server, round_of(tiers, r))
+        opt.step(before, server)
+        assert not torch.equal(server.global_state[scale][0], before[scale][0])
+        assert not torch.allclose(server.global_state[router], before[router])  # the optimizer still acts
+    assert torch.equal(server.global_state[scale][1], before[scale][1])
+    assert scale not in opt.names
 
 
 def test_state_dict_round_trip_continues_exactly() -> None:

@@ -66,6 +66,17 @@ def test_smoke_cli_writes_every_tier_and_wandb_histograms(smoke_runs: dict[str, 
     assert all(r["k"] is None and r["expert_entropy"] == [] for r in dense)
 
 
+def test_timings_measure_each_tiers_local_training(smoke_runs: dict[str, Path]) -> None:
+    """Every round records each tier's steps and seconds per step; peak memory is null off CUDA."""
+    for record in read_jsonl(smoke_runs["ubsmoe"] / "timings.jsonl"):
+        assert list(record["tiers"]) == ["t25", "t50", "t75", "t100"]
+        costs = record["tiers"].values()
+        assert sum(c["clients"] for c in costs) > 0
+        for cost in costs:
+            assert cost["peak_memory_bytes"] is None
+            assert (cost["train_seconds_per_step"] > 0) if cost["clients"] else cost["train_seconds_per_step"] is None
+
+
 def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path, glue_dir: Path, cache_dir: Path) -> None:
     kw = {"glue_dir": glue_dir, "cache_dir": cache_dir}
     run(tmp_path / "a", "seed=7", **kw)

@@ -36,6 +36,7 @@ from ubsmoe.fl.checkpoint import (
     resolve_resume,
 )
 from ubsmoe.fl.client import make_client_specs
+from ubsmoe.fl.devices import server_device
 from ubsmoe.fl.loop import FederatedLoop
 from ubsmoe.fl.schedule import NEEDS_TOTAL_ROUNDS
 from ubsmoe.fl.server import ClientSampler
@@ -46,8 +47,8 @@ from ubsmoe.seeding import derive_seed
 from ubsmoe.settings import method_settings, model_settings, server_settings
 from ubsmoe.validate import validate
 
-# Keys that may change when a run is resumed: how long it runs and where it writes.
-RESUMABLE_KEYS = ("federation.rounds", "federation.eval_every")
+# Keys that may change when a run is resumed: how long it runs, where it writes, where the server state lives.
+RESUMABLE_KEYS = ("federation.rounds", "federation.eval_every", "server.device")
 
 
 def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
@@ -209,6 +210,7 @@ def _train(
             server_settings(cfg), strategy, frozen_names=module.phi_names(), method_name=cfg.method.name
         ),
         prox_mu=float(cfg.federation.prox_mu),
+        server_device=server_device(server_settings(cfg).device),
     )
     if checkpoint is not None:
         loop.load_state_dict(checkpoint)

@@ -104,7 +104,8 @@ class ServerSettings:
     (:mod:`ubsmoe.fl.server_optim`). ``tau`` is the adaptivity (eps) of the adaptive ones;
     ``bias_correction`` switches Adam's / Yogi's bias correction (off in the paper);
     ``initial_v`` is their second moment's start v_{-1} (0 as in torch and Flower; the
-    paper's analysis takes v_{-1} >= tau^2).
+    paper's analysis takes v_{-1} >= tau^2). ``device`` is where the server state lives
+    and every client reply is moved on receipt (:mod:`ubsmoe.fl.devices`).
     """
 
     optimizer: str = one_of("fedavg", names.SERVER_OPTIMIZERS)
@@ -114,6 +115,7 @@ class ServerSettings:
     tau: float = ranged(1e-3, 0.0, low_open=True)
     bias_correction: bool = False
     initial_v: float = ranged(0.0, 0.0)
+    device: str = one_of("cpu", ("cpu", "cuda"))
 
     @property
     def is_default(self) -> bool:

@@ -9,6 +9,7 @@ optimizer for the configured local budget on its own data, and returns a
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ubsmoe.settings import Tier
+from ubsmoe.fl.devices import module_device, move_tensors
 from ubsmoe.fl.faults import FaultInjection, InjectedFailure, NonFiniteLoss, inject_bad_shape, inject_nonfinite
 from ubsmoe.fl.schedule import lr_factor
 from ubsmoe.seeding import derive_seed
@@ -56,6 +58,15 @@ class ClientPayload:
     def num_bytes(self) -> int:
         return tensor_bytes(self.state) + tensor_bytes(self.pg_defaults) + tensor_bytes(self.base_deltas)
 
+    def to(self, device: torch.device | str) -> ClientPayload:
+        """The payload with every tensor on ``device`` (where the client loads it)."""
+        return replace(
+            self,
+            state=move_tensors(self.state, device),
+            pg_defaults=move_tensors(self.pg_defaults, device),
+            base_deltas=move_tensors(self.base_deltas, device),
+        )
+
 
 @dataclass
 class ClientUpdate:
@@ -71,6 +82,20 @@ class ClientUpdate:
     bytes_received: int = 0  # server -> client (set by the loop through the strategy's accounting)
     bytes_sent: int = 0  # client -> server
     simulated_delay: float = 0.0  # seconds a (simulated) straggler declares on top of its real time
+    train_seconds: float = 0.0  # wall time of the local steps alone (no payload loading, no delay)
+    peak_memory_bytes: int | None = None  # CUDA: peak allocated memory during the local steps; else None
+
+    def to(self, device: torch.device | str) -> ClientUpdate:
+        """The update with every tensor it carries (state, PG defaults, telemetry) detached and on ``device``.
+
+        The loop calls it once where a reply is received (:mod:`ubsmoe.fl.devices`).
+        """
+        return replace(
+            self,
+            state=move_tensors(self.state, device),
+            pg_defaults=move_tensors(self.pg_defaults, device),
+            telemetry=move_tensors(self.telemetry, device),
+        )
 
     def expert_tokens(self, layer: str) -> torch.Tensor:
         return self.telemetry[layer]["expert_tokens"]
@@ -181,6 +206,8 @@ def train_client(
     optimizer = fabric.setup_optimizers(module.configure_optimizers(lr_factor(settings, round_idx, total_rounds)))
     anchor = received_state(module) if prox_mu > 0 else None
     total_loss, steps = 0.0, 0
+    memory = PeakMemory(module_device(module))
+    started = time.perf_counter()
     for step, batch in enumerate(data.batches(round_idx, num_steps=local_steps, num_epochs=local_epochs)):
         batch = fabric.to_device(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -202,6 +229,7 @@ def train_client(
         steps += 1
         if fault == "fail":
             raise InjectedFailure(f"client {spec.client_id}: injected failure after local step {step}")
+    train_seconds = memory.synchronized(time.perf_counter) - started
     state = module.trainable_state()
     pg_defaults = module.pg_defaults()
     update = ClientUpdate(
@@ -212,6 +240,8 @@ def train_client(
         pg_defaults=pg_defaults,
         train_loss=total_loss / max(steps, 1),
         num_steps=steps,
+        train_seconds=train_seconds,
+        peak_memory_bytes=memory.peak(),
     )
     if fault is not None and faults is not None:
         rng = faults.detail_rng(seed, round_idx, spec.client_id)
@@ -222,6 +252,31 @@ def train_client(
         elif fault == "straggler":
             update.simulated_delay = faults.straggler_delay
     return update
+
+
+class PeakMemory:
+    """The peak CUDA memory allocated on ``device`` from now on (None on any other device).
+
+    Starting resets the device's peak statistics, so the peak is this client's: on a
+    shared module it includes the resident backbone, the same for every client, plus what
+    the client's own training (activations at its K_c or rank, gradients, optimizer
+    state) adds on top.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device if device.type == "cuda" else None
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def synchronized(self, clock: Callable[[], float]) -> float:
+        """``clock()`` once the device's queued work is done (the time really spent, not the time queued)."""
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
+        return clock()
+
+    def peak(self) -> int | None:
+        return None if self.device is None else int(torch.cuda.max_memory_allocated(self.device))
 
 
 def received_state(module: torch.nn.Module) -> Tensors:
@@ -241,7 +296,11 @@ def proximal_term(module: torch.nn.Module, anchor: Tensors, mu: float) -> torch.
 
 
 def load_payload(module: FederatedClassifier, spec: ClientSpec, payload: ClientPayload) -> None:
-    """Put a client's compute shape and the server's payload into the shared module."""
+    """Put a client's compute shape and the server's payload into the shared module.
+
+    The payload arrives on the server's device; it is moved here, once, to the module's.
+    """
+    payload = payload.to(module_device(module))
     module.set_client(k=spec.k, rank=spec.rank, tier_index=spec.tier_index)
     module.set_base_deltas(payload.base_deltas)
     module.load_trainable_state(payload.state)

@@ -5,7 +5,8 @@ One round, as DESIGN.md section 2 lays it out:
 1. the sampler picks ``clients_per_round`` clients; the strategy shapes each one's payload;
 2. the backend trains the sampled clients (``backend=local``: one after another on the one
    shared module, :func:`~ubsmoe.fl.client.train_client`) and returns results by client id;
-   every reply is checked against what its client was sent (:mod:`ubsmoe.fl.validation`):
+   each reply is received onto the server's device (``server.device``, :mod:`ubsmoe.fl.devices`)
+   and checked against what its client was sent (:mod:`ubsmoe.fl.validation`):
    failed, timed-out, non-finite or malformed ones are dropped and logged to ``faults.jsonl``;
 3. the strategy aggregates the good updates into the server state (with fewer than
    ``federation.min_replies`` of them the round is skipped: state, phi and PG defaults stay);
@@ -34,9 +35,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ubsmoe.settings import Tier
 from ubsmoe.errors import ConfigError
-from ubsmoe.fl.backends import ClientBackend, ClientJob, LocalBackend
+from ubsmoe.fl.backends import ClientBackend, ClientJob, ClientResult, LocalBackend
 from ubsmoe.fl.checkpoint import CHECKPOINT_DIR, CheckpointStore, SignalGuard, pause_for_test
-from ubsmoe.fl.client import ClientSpec, load_payload
+from ubsmoe.fl.client import ClientSpec, ClientUpdate, load_payload
 from ubsmoe.fl.faults import DroppedClient, FaultLog, FaultPolicy
 from ubsmoe.fl.server import ClientSampler, ServerState, aggregate_utilization, owning_layer
 from ubsmoe.fl.server_optim import ServerOptimizer
@@ -79,6 +80,7 @@ class FederatedLoop:
         checkpoint_keep: int = 2,
         server_optimizer: ServerOptimizer | None = None,
         prox_mu: float = 0.0,
+        server_device: torch.device | str = "cpu",
     ) -> None:
         self.fabric = fabric
         self.module = module
@@ -105,7 +107,12 @@ class FederatedLoop:
         self.last_checkpoint: Path | None = None
         self.server_optimizer = server_optimizer or ServerOptimizer()
         self.prox_mu = float(prox_mu)  # FedProx's mu, passed to every client's training
-        self.server = ServerState(round=0, global_state=module.trainable_state(), pg_defaults=module.pg_defaults())
+        # The server state lives on one device (server.device); every reply is moved there once.
+        self.server_device = torch.device(server_device)
+        self.server = ServerState(
+            round=0, global_state=module.trainable_state(), pg_defaults=module.pg_defaults()
+        ).to(self.server_device)
+        self.strategy.place(self.server_device)
         self.elapsed_before = 0.0  # wall time of the rounds run before a resume
         self.eval_lengths = self._eval_lengths()
         self.dense_flops_per_example = self._dense_flops()
@@ -187,7 +194,7 @@ class FederatedLoop:
             spec = self.strategy.client_spec(self.specs[cid])
             jobs.append(ClientJob(spec, self.strategy.configure_client(self.server, spec), round_idx))
         t0 = time.perf_counter()
-        results = self.backend.train_clients(jobs, on_done=lambda _result: bar.advance(clients_task))
+        results = self.receive(self.backend.train_clients(jobs, on_done=lambda _result: bar.advance(clients_task)))
         busy = time.perf_counter() - t0
         pause_for_test("round", round_idx + 1, self.output_dir / f"paused-round-{round_idx + 1}")
         updates, dropped = screen_results(
@@ -239,6 +246,18 @@ class FederatedLoop:
         self._write_timing(summary, time.perf_counter() - round_start)
         return summary
 
+    def receive(self, results: list[ClientResult]) -> list[ClientResult]:
+        """The message boundary: every tensor a reply carries is detached and moved once to the server's device.
+
+        Whatever backend ran the client and wherever its module sits, validation, the
+        strategy, the server optimizer and the callbacks see the server's device alone. A
+        reply that is no :class:`ClientUpdate` is left for validation to reject.
+        """
+        for result in results:
+            if isinstance(result.update, ClientUpdate):
+                result.update = result.update.to(self.server_device)
+        return results
+
     def _report_faults(
         self, bar: Progress, round_number: int, sampled: int, dropped: list[DroppedClient], skipped: bool
     ) -> None:
@@ -268,15 +287,33 @@ class FederatedLoop:
             path.write_text("".join(line + "\n" for line in kept))
 
     def _write_timing(self, summary: RoundSummary, total: float) -> None:
-        """``timings.jsonl``: where a round's wall time went (local training + evaluation vs the rest)."""
+        """``timings.jsonl``: where a round's wall time went, and what each tier's local training cost."""
         record = {
             "round": summary.round,
             "round_seconds": round(total, 4),
             "train_eval_seconds": round(summary.train_eval_seconds, 4),
             "overhead_seconds": round(total - summary.train_eval_seconds, 4),
+            "tiers": self._tier_costs(summary.updates),
         }
         with (self.output_dir / "timings.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _tier_costs(self, updates: list[ClientUpdate]) -> dict[str, dict[str, Any]]:
+        """Per tier, over its clients whose replies were kept this round: local steps, training seconds per
+        step, and the largest CUDA peak memory of one client (None off CUDA, or for a tier without clients)."""
+        costs: dict[str, dict[str, Any]] = {}
+        for tier_index, tier in enumerate(self.tiers):
+            members = [u for u in updates if u.spec.tier_index == tier_index]
+            steps = sum(u.num_steps for u in members)
+            seconds = sum(u.train_seconds for u in members)
+            peaks = [u.peak_memory_bytes for u in members if u.peak_memory_bytes is not None]
+            costs[tier.name] = {
+                "clients": len(members),
+                "steps": steps,
+                "train_seconds_per_step": round(seconds / steps, 6) if steps else None,
+                "peak_memory_bytes": max(peaks) if peaks else None,
+            }
+        return costs
 
     def global_phi(self) -> dict[str, torch.Tensor]:
         """The global phi per SMoE layer (empty for dense methods)."""
@@ -313,7 +350,8 @@ class FederatedLoop:
                 main_metric=scored.main_metric,
                 flops_per_example=self.tier_flops(tier_index),
                 utilization={
-                    layer: t["expert_tokens"].double() / max(float(t["tokens"]), 1.0) for layer, t in telemetry.items()
+                    layer: t["expert_tokens"].double().cpu() / max(float(t["tokens"]), 1.0)  # a record, kept on CPU
+                    for layer, t in telemetry.items()
                 },
                 max_load_fraction={layer: float(t["max_load_fraction"]) for layer, t in telemetry.items()},
             )
@@ -376,9 +414,10 @@ class FederatedLoop:
             raise ConfigError(
                 "model.backbone", current["backbone"], f"the backbone the checkpoint was trained on ({saved_backbone})"
             )
-        self.server = ServerState.from_state_dict(state["server"])
+        self.server = ServerState.from_state_dict(state["server"]).to(self.server_device)
         self.sampler.load_state_dict(state["sampler"])
         self.strategy.load_state_dict(state["strategy"])
+        self.strategy.place(self.server_device)
         self.server_optimizer.load_state_dict(state.get("server_optimizer", {}))
         for cb in self._stateful_callbacks():
             if hasattr(cb, "load_state_dict") and type(cb).__name__ in state["callbacks"]:

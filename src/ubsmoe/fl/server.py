@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ubsmoe.fl.devices import move_tensors
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -46,6 +48,15 @@ class ServerState:
     global_state: Tensors
     pg_defaults: Tensors = field(default_factory=dict)
     utilization: Tensors = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> ServerState:
+        """The same state with every tensor on ``device`` (the server's one device)."""
+        return ServerState(
+            round=self.round,
+            global_state=move_tensors(self.global_state, device),
+            pg_defaults=move_tensors(self.pg_defaults, device),
+            utilization=move_tensors(self.utilization, device),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -23,11 +23,15 @@ Choices, each a named switch or listed in docs/paper.md (rows 40-43):
   ``tau**2`` for that). The first moment starts at zero.
 - fedadagrad has no first moment (torch's Adagrad; Flower's default beta_1 = 0); the
   paper's Algorithm 2 allows one. ``server.betas`` is not used by it.
-- the step runs in float64 on a copy of the global tensors and is cast back.
+- the step runs in float64 on a copy of the global tensors and is cast back, on the device
+  of the server state (``server.device``); so do the moments.
 
 What the server optimizer never touches: DMR's phi (the DMR callback sets it from the
-averaged phi and the utilization) and PG's default outputs (kept in
-``ServerState.pg_defaults``, outside ``global_state``). Methods whose global state is not an
+averaged phi and the utilization), PG's default outputs (kept in
+``ServerState.pg_defaults``, outside ``global_state``) and the tensors a strategy sets by a
+rule of its own (:meth:`~ubsmoe.fl.strategies.base.Strategy.server_optimizer_skips`): FLAME's
+tier scales, whose entry t must change only through tier t's clients, while the optimizer's
+moments would move the entry of a tier absent from the round. Methods whose global state is not an
 average of the clients' (FLoRA merges into the frozen weights and restarts the pair,
 FlexLoRA re-factorises the aggregated product) declare
 ``supports_server_optimizer = False`` and get a ConfigError for anything but plain FedAvg.
@@ -196,14 +200,22 @@ class ServerOptimizer:
     """Turns the strategy's aggregate into the new global state (checkpointed with the run).
 
     ``frozen_names``: global tensors the optimizer leaves as the strategy (and the
-    callbacks after it) set them, e.g. DMR's phi.
+    callbacks after it) set them, e.g. DMR's phi; ``skips``: a rule naming more of them
+    (the strategy's :meth:`~ubsmoe.fl.strategies.base.Strategy.server_optimizer_skips`).
     """
 
-    def __init__(self, settings: ServerSettings | None = None, *, frozen_names: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings | None = None,
+        *,
+        frozen_names: Iterable[str] = (),
+        skips: Callable[[str], bool] | None = None,
+    ) -> None:
         self.settings = settings or ServerSettings()
         if self.settings.optimizer not in SERVER_OPTIMIZERS:
             raise ConfigError("server.optimizer", self.settings.optimizer, f"one of {', '.join(SERVER_OPTIMIZERS)}")
         self.frozen = frozenset(frozen_names)
+        self.skips = skips
         self.names: list[str] = []
         self.params: Tensors = {}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -219,7 +231,7 @@ class ServerOptimizer:
         if not self.active:
             return
         aggregate = dict(server.global_state)
-        self._build(before, [n for n in sorted(aggregate) if n not in self.frozen])
+        self._build(before, [n for n in sorted(aggregate) if not self.leaves(n)])
         assert self.optimizer is not None
         for name in self.names:
             x = self.params[name]
@@ -231,6 +243,10 @@ class ServerOptimizer:
             aggregate[name] = x.detach().to(aggregate[name].dtype).clone()
             x.grad = None
         server.global_state = aggregate
+
+    def leaves(self, name: str) -> bool:
+        """True for a global tensor the optimizer leaves as the strategy and the callbacks set it."""
+        return name in self.frozen or (self.skips is not None and self.skips(name))
 
     def _build(self, like: Tensors, names: list[str]) -> None:
         if self.optimizer is not None:
@@ -262,4 +278,4 @@ def build_server_optimizer(
 ) -> ServerOptimizer:
     """The server optimizer of a run, refused (ConfigError) for a strategy that cannot take it."""
     check_server_optimizer(settings, strategy, method_name)
-    return ServerOptimizer(settings, frozen_names=frozen_names)
+    return ServerOptimizer(settings, frozen_names=frozen_names, skips=strategy.server_optimizer_skips)

@@ -170,6 +170,8 @@ def encode_update(update: ClientUpdate, seconds: float) -> RecordDict:
             "train-loss": float(update.train_loss),
             "seconds": float(seconds),
             "simulated-delay": float(update.simulated_delay),  # an injected straggler's declared delay
+            "train-seconds": float(update.train_seconds),
+            "peak-memory-bytes": -1 if update.peak_memory_bytes is None else int(update.peak_memory_bytes),
         }
     )
     content["dtypes"] = dtypes
@@ -191,8 +193,16 @@ def decode_update(content: RecordDict, spec: ClientSpec) -> tuple[ClientUpdate, 
         train_loss=float(metrics["train-loss"]),  # type: ignore[arg-type]
         num_steps=int(metrics["num-steps"]),  # type: ignore[arg-type]
         simulated_delay=float(metrics.get("simulated-delay", 0.0)),  # type: ignore[arg-type]
+        train_seconds=float(metrics.get("train-seconds", 0.0)),  # type: ignore[arg-type]
+        peak_memory_bytes=_optional_memory(metrics.get("peak-memory-bytes", -1)),
     )
     return update, float(metrics["seconds"])  # type: ignore[arg-type]
+
+
+def _optional_memory(value: object) -> int | None:
+    """A reply's peak memory: -1 (measured nowhere: no CUDA device) is None."""
+    number = int(value)  # type: ignore[call-overload]
+    return None if number < 0 else number
 
 
 def encoded_bytes(content: RecordDict) -> int:

@@ -4,6 +4,10 @@ As in Flower's strategies, client logic and server aggregation are separate, pla
 pieces: a strategy reads and writes named tensors of the trainable state and the
 statistics a :class:`~ubsmoe.fl.client.ClientUpdate` carries; it never reaches into the
 model's layers.
+
+Devices: a strategy's inputs (the server state and the received updates) all lie on the
+server's device (:mod:`ubsmoe.fl.devices`); every tensor it creates is created there too
+(weights from example counts included), so no helper mixes devices.
 """
 
 from __future__ import annotations
@@ -73,6 +77,16 @@ class Strategy(ABC):
         """Bytes the client really sends back."""
         return tensor_bytes(update.state) + tensor_bytes(update.pg_defaults)
 
+    def server_optimizer_skips(self, name: str) -> bool:
+        """True for a global tensor the strategy sets by a rule of its own that the server optimizer must leave
+        (FLAME's per-tier scales); by default the optimizer steps every averaged tensor."""
+        del name
+        return False
+
+    def place(self, device: torch.device) -> None:
+        """Move whatever tensors the strategy keeps across rounds to the server's device (after a resume)."""
+        del device
+
     def client_regularizer(self, spec: ClientSpec) -> Callable[[torch.nn.Module], torch.Tensor] | None:
         """A method's extra client-side loss term (None: the model's own loss only)."""
         del spec
@@ -103,6 +117,6 @@ def weighted_mean(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.T
     index, e.g. per expert); rows are expected to sum to 1 over clients.
     """
     stacked = torch.stack([t.to(torch.float64) for t in tensors])
-    w = weights.to(torch.float64)
+    w = weights.to(device=stacked.device, dtype=torch.float64)  # weights follow the tensors they weigh
     w = w.reshape(w.shape + (1,) * (stacked.dim() - w.dim()))
     return (stacked * w).sum(0).to(tensors[0].dtype)

@@ -46,13 +46,14 @@ def aggregate_delta(
     pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor, scaling: float = 1.0
 ) -> torch.Tensor:
     """dW = scaling * sum_c weights[c] * B_c A_c, in float64."""
+    if not pairs:
+        raise ValueError("no client pairs to aggregate")
     out = None
-    for (a, b), w in zip(pairs, weights.to(torch.float64), strict=True):
+    for (a, b), w in zip(pairs, weights.to(device=pairs[0][0].device, dtype=torch.float64), strict=True):
         pair_rank(a, b)
         term = w * (b.to(torch.float64) @ a.to(torch.float64))
         out = term if out is None else out + term
-    if out is None:
-        raise ValueError("no client pairs to aggregate")
+    assert out is not None
     return scaling * out
 
 
@@ -70,8 +71,8 @@ def svd_factors(
     if full_rank > min(out_dim, in_dim):
         raise ValueError(f"LoRA rank {full_rank} exceeds the size {tuple(delta.shape)} of the layer")
     u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
-    a = torch.zeros(full_rank, in_dim, dtype=torch.float64)
-    b = torch.zeros(out_dim, full_rank, dtype=torch.float64)
+    a = torch.zeros(full_rank, in_dim, dtype=torch.float64, device=delta.device)
+    b = torch.zeros(out_dim, full_rank, dtype=torch.float64, device=delta.device)
     a[:rank] = vh[:rank]
     b[:, :rank] = u[:, :rank] * (s[:rank] / scaling)
     return a, b

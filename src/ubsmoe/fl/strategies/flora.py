@@ -88,9 +88,13 @@ def stack(
 def fresh_lora_pair(
     a_like: torch.Tensor, b_like: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A new LoRA pair of the same shapes: A ~ U(-1/sqrt(in), 1/sqrt(in)) from ``generator``, B = 0."""
+    """A new LoRA pair of the same shapes: A ~ U(-1/sqrt(in), 1/sqrt(in)) from ``generator``, B = 0.
+
+    Drawn on the CPU generator (the same numbers whatever the server's device), then placed beside ``a_like``.
+    """
     bound = lora_a_bound(a_like.shape[1])
-    a = (torch.rand(a_like.shape, generator=generator, dtype=torch.float64) * (2 * bound) - bound).to(a_like.dtype)
+    a = torch.rand(a_like.shape, generator=generator, dtype=torch.float64) * (2 * bound) - bound
+    a = a.to(device=a_like.device, dtype=a_like.dtype)
     return a, torch.zeros_like(b_like)
 
 
@@ -182,6 +186,10 @@ class FLoRA(LoraRankStrategy):
         self.merged[prefix] = total.to(global_a.dtype)
         self.stack_ranks[prefix] = int(a_g.shape[0])
         return fresh_lora_pair(global_a, global_b, self.generator)
+
+    def place(self, device: torch.device) -> None:
+        """The merged deltas live on the server's device (a checkpoint is loaded on the CPU)."""
+        self.merged = {k: v.to(device) for k, v in self.merged.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {

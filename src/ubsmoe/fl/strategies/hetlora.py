@@ -128,7 +128,7 @@ def sparsity_weights(
     norms = torch.stack([torch.linalg.matrix_norm(pair_product(a, b)) for a, b in pairs])
     total = norms.sum()
     if not bool(total > 0):
-        return fallback.to(torch.float64)
+        return fallback.to(device=norms.device, dtype=torch.float64)
     return norms / total
 
 
@@ -186,8 +186,8 @@ class HetLoRA(LoraRankStrategy):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-pad every client's pair to the global rank and take the sparsity-weighted sum."""
         full = pair_rank(global_a, global_b)
-        a_sum = torch.zeros(global_a.shape, dtype=torch.float64)
-        b_sum = torch.zeros(global_b.shape, dtype=torch.float64)
+        a_sum = torch.zeros(global_a.shape, dtype=torch.float64, device=global_a.device)
+        b_sum = torch.zeros(global_b.shape, dtype=torch.float64, device=global_b.device)
         for (a, b), w in zip(client, sparsity_weights(client, weights), strict=True):
             r = pair_rank(a, b)
             if r > full:

@@ -11,7 +11,10 @@ FLAME's per-tier output scales (``*.tier_scale``, one entry per tier) are averag
 entry over the clients of that entry's tier only (weights n_c among them); an entry whose
 tier had no client this round keeps its value. Averaging over all clients would leave each
 tier only its example share of its own update, since the other tiers' clients return the
-entry untouched.
+entry untouched. For the same reason the server optimizer leaves the tier scales alone
+(:meth:`SparseMoEStrategy.server_optimizer_skips`): its moments are shared by every round,
+so a momentum or Adam step would move the scale of a tier that sent nothing; a tier's scale
+changes only through its own clients' updates.
 """
 
 from __future__ import annotations
@@ -41,14 +44,18 @@ class SparseMoEStrategy(Strategy):
 
     def expert_weights(self, updates: list[ClientUpdate], layer: str) -> torch.Tensor:
         """[C, M] weights f_{c,i}^t * n_c, normalised over clients (n_c alone where an expert got no tokens)."""
-        n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
         share = torch.stack(
             [u.expert_tokens(layer).to(torch.float64) / max(u.tokens(layer), 1.0) for u in updates]
         )
+        n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64, device=share.device)
         raw = share.pow(self.exponent) * n[:, None]
         fallback = (n / n.sum())[:, None].expand_as(raw)
         total = raw.sum(0, keepdim=True)
         return torch.where(total > 0, raw / total.clamp_min(1e-300), fallback)
+
+    def server_optimizer_skips(self, name: str) -> bool:
+        """FLAME's tier scales: the per-tier mean of the present tiers' clients is the new value, no optimizer step."""
+        return name.endswith(TIER_SCALE_SUFFIX)
 
     def aggregate(self, server: ServerState, updates: list[ClientUpdate]) -> None:
         weights = example_weights(updates)
