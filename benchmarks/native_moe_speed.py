@@ -56,7 +56,7 @@ import torch
 from ubsmoe.backbones.native_convert import convert, native_blocks
 from ubsmoe.backbones.random_checkpoint import architecture_config
 from ubsmoe.smoe.lora import inject_peft_lora
-from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, pseudo_gradient_coefficients
+from ubsmoe.smoe.pseudo_grad import missed_token_steps, pseudo_gradient_coefficients
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 KINDS = ("hf", "hf_top2", "hf_attn_lora", "native_k8", "native_k2", "native_k8_gmm", "native_k2_gmm")
@@ -141,21 +141,34 @@ def build(kind: str, config, rank: int, device: str, dtype: torch.dtype = torch.
         k = int(kind.removeprefix("native_k").removesuffix("_gmm"))
         for block in native_blocks(model).values():
             block.set_k(k)
-            block.grouped_mm = kind.endswith("_gmm")
+            block.expert_kernel = "grouped" if kind.endswith("_gmm") else "auto"  # auto: grouped on CUDA, loop on CPU
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-4)
 
 
-def pg_expert_signal(model) -> None:
-    """What the LightningModule's ``on_after_backward`` does for a sparse block."""
+def pg_expert_signal(model) -> list:
+    """What the LightningModule's ``on_after_backward`` does for a sparse block (PG's default form,
+    ``missed_tokens``): each starved expert's step from its missed-token sums, applied after the
+    optimizer step by :func:`apply_pg_steps`."""
+    pending = []
     for block in native_blocks(model).values():
         c = block.counters("step")
         coefficients = pseudo_gradient_coefficients(
             c["tokens"], c["inactive_mass"], c["active_mass"], c["active_assignments"], block.k, 1.0
         )
-        add_expert_pseudo_gradients(block.lora.tensors(), c["expert_tokens"], coefficients)
+        if block.pg_sink is not None and block.k < block.num_experts:
+            pending.append((block, missed_token_steps(block.pg_sink, coefficients)))
         block.reset_step()
+    return pending
+
+
+@torch.no_grad()
+def apply_pg_steps(pending: list, lr: float) -> None:
+    for block, steps in pending:
+        for tensor, step in zip(block.lora.tensors(), steps, strict=True):
+            if step is not None:
+                tensor.add_(step.to(tensor.dtype), alpha=lr)
 
 
 def sync(device: str) -> None:
@@ -176,9 +189,9 @@ def train_step(model, optim, ids, device: str, dtype: torch.dtype = torch.float3
     with autocast(device, dtype):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    if native_blocks(model):
-        pg_expert_signal(model)
+    pending = pg_expert_signal(model) if native_blocks(model) else []
     optim.step()
+    apply_pg_steps(pending, optim.param_groups[0]["lr"])
     optim.zero_grad(set_to_none=True)
     sync(device)
     return time.perf_counter() - start
