@@ -16,11 +16,12 @@ trainable tensors of the configurations in ``--kinds``:
 - ``hf_top2``: the same with the model's config set to top-2 (Hugging Face's own block at K = 2);
 - ``hf_attn_lora``: ``hf`` without expert LoRA (attention LoRA and router only), i.e.
   Hugging Face's MoE block at its bare cost, for context;
-- ``native_k8`` / ``native_k2``: the model converted by :func:`ubsmoe.backbones.native.convert`
-  (UB-SMoE defaults: DMR, PG router and expert signals, expert LoRA rank 8 on the routed rows)
-  with peft LoRA on q/k/v/o, at K = 8 and K = 2;
-- ``native_k8_gmm`` / ``native_k2_gmm``: the same with ``block.grouped_mm = True`` (one
-  ``torch.nn.functional.grouped_mm`` kernel for all experts where torch has it; meant for GPUs).
+- ``native_k8`` / ``native_k2``: the model converted by :func:`ubsmoe.backbones.native_convert.convert`
+  (UB-SMoE defaults: DMR, PG's expert signal in its missed-token form, expert LoRA on the
+  routed rows) with peft LoRA on q/k/v/o, at K = 8 and K = 2, with the default expert kernel
+  (``model.expert_kernel=auto``: grouped products on CUDA, the per-expert loop on CPU);
+- ``native_k8_gmm`` / ``native_k2_gmm``: the same with the grouped kernel forced
+  (``torch.nn.functional.grouped_mm`` for all experts where torch has it).
 
 The default ``--kinds`` are ``hf,hf_attn_lora,native_k8,native_k2``. A configuration that
 fails to build or to run is reported under ``errors`` in the JSON and left out of the rest.
