@@ -89,12 +89,13 @@ export -f install_wheels environment
 export PY SITE
 PYTEST=("$PY" -m pytest -p no:cacheprovider -q -rfEs --durations=12 tests/test_gpu.py)
 
-step install 45 bash -c install_wheels
-step environment 30 bash -c environment
-step olmoe_ubsmoe_round 180 "${PYTEST[@]}" -k paper_shaped
-step native_moe_speed 90 "$PY" benchmarks/native_moe_speed.py --dims olmoe-1b-7b --dtype bfloat16 --device cuda \
-    --kinds hf,hf_top2,hf_attn_lora,native_k8,native_k2,native_k8_gmm,native_k2_gmm --out "$OUT/native_moe_speed.json"
-step every_method_bf16 150 "${PYTEST[@]}" -k every_method
+step install 40 bash -c install_wheels
+step environment 25 bash -c environment
+step every_method_bf16 150 "${PYTEST[@]}" -k "every_method or server_state_on_the_gpu"
+step native_kernels_cuda 30 "$PY" -m pytest -p no:cacheprovider -q tests/test_native_kernels_cuda.py
+step native_moe_speed 80 "$PY" benchmarks/native_moe_speed.py --dims olmoe-1b-7b --dtype bfloat16 --device cuda \
+    --kinds hf,hf_top2,native_k8,native_k2 --out "$OUT/native_moe_speed.json"
+step olmoe_ubsmoe_round 150 "${PYTEST[@]}" -k paper_shaped
 
 echo "=== summary"
 cat "$OUT/summary.txt"

@@ -97,6 +97,16 @@ def test_every_method_runs_on_the_gpu_in_bf16(tmp_path: Path, method: str) -> No
     assert peak > 0  # the model and batches lived on the GPU
 
 
+@pytest.mark.parametrize("method", ["ubsmoe", "flame", "florist", "hetlora"])
+def test_server_state_on_the_gpu(tmp_path: Path, method: str) -> None:
+    """``server.device=cuda``: the global state, phi, PG defaults and strategy state live on the GPU."""
+    result = run_experiment(
+        compose_config(*TINY, f"method={method}", "server.device=cuda", f"paths.output_dir={tmp_path}")
+    )
+    record(f"server_on_gpu_{method}", {"result": result})
+    assert_finite_run(tmp_path, result, rounds=2)
+
+
 class PeakMemoryBackend(LocalBackend):
     """The local backend, one client at a time, with the peak GPU memory of each client's training by tier."""
 
