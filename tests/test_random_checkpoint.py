@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ubsmoe.backbones.native_adapter import NativeAdapter, load_tokenizer
 from ubsmoe.backbones.random_checkpoint import ARCHITECTURES, main, parse_override
-from ubsmoe.config import method_settings, model_settings, validate
+from ubsmoe.settings import method_settings, model_settings
+from ubsmoe.validate import validate
 from ubsmoe.errors import ConfigError
 from ubsmoe.settings import ModelSettings
 
