@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ubsmoe.assembly import (
+    build_aggregation,
     build_callbacks,
     build_loggers,
     build_module,
@@ -171,7 +172,8 @@ def _train(
     if cfg.fabric.num_threads:
         torch.set_num_threads(int(cfg.fabric.num_threads))
     module = build_module(cfg, tiers, data)
-    callbacks = build_callbacks(cfg, module, output_dir, console)
+    aggregation = build_aggregation(cfg)
+    callbacks = build_callbacks(cfg, module, output_dir, console, aggregation)
     fabric = L.Fabric(
         accelerator=cfg.fabric.accelerator,
         devices=cfg.fabric.devices,
@@ -209,6 +211,7 @@ def _train(
             server_settings(cfg), strategy, frozen_names=module.phi_names(), method_name=cfg.method.name
         ),
         prox_mu=float(cfg.federation.prox_mu),
+        aggregation=aggregation,
     )
     if checkpoint is not None:
         loop.load_state_dict(checkpoint)
