@@ -1,7 +1,7 @@
 """Epsilon after every round (metrics.jsonl and the console), and the DP mechanism's state in the checkpoint.
 
 Runs before :class:`~ubsmoe.callbacks.metrics_writer.MetricsWriter`: it adds ``epsilon``
-(at ``privacy.target_delta``), ``dp_clip_norm`` (the clip after this round's adaptation)
+(at ``privacy.target_delta``; null when there is no bound, i.e. noise multiplier 0), ``dp_clip_norm`` (the clip after this round's adaptation)
 and ``dp_noise_multiplier`` to every tier's record of the round. Being a stateful callback,
 it carries the mechanism's state (clip, accountant ledger, noise generator) in the
 checkpoint, so a resumed run reports the same epsilon and draws the same noise.
@@ -9,6 +9,7 @@ checkpoint, so a resumed run reports the same epsilon and draws the same noise.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ubsmoe.privacy.dp import ClientLevelDP
@@ -22,7 +23,7 @@ class PrivacyReport:
     def on_round_end(self, loop: Any, summary: Any) -> None:
         epsilon = self.mechanism.epsilon()
         fields = {
-            "epsilon": epsilon,
+            "epsilon": epsilon if math.isfinite(epsilon) else None,
             "dp_clip_norm": self.mechanism.clip,
             "dp_noise_multiplier": self.mechanism.noise_multiplier,
         }
