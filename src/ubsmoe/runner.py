@@ -55,7 +55,8 @@ def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The flattened settings a resumed run must share with its checkpoint."""
     raw = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(raw, dict)
-    keep = {k: raw[k] for k in ("seed", "model", "method", "federation", "tiers", "optim", "server")}
+    groups = ("seed", "model", "method", "federation", "tiers", "optim", "server", "privacy")
+    keep = {k: raw[k] for k in groups if k in raw}
     keep["data"] = {k: v for k, v in raw["data"].items() if k != "local_dir"}
     flat = flatten(keep)
     resumable = set(RESUMABLE_KEYS)
