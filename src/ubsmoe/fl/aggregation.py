@@ -50,13 +50,18 @@ def update_parts(update: ClientUpdate, payload: ClientPayload) -> Tensors:
         if tensor.is_floating_point():
             parts[STATE + name] = _f64(tensor) - _f64(payload.state[name])
     for layer, tensor in update.pg_defaults.items():
-        received = payload.pg_defaults.get(layer)
-        parts[PG + layer] = _f64(tensor) - (torch.zeros_like(_f64(tensor)) if received is None else _f64(received))
+        parts[PG + layer] = _f64(tensor) - received_default(payload, layer, tensor)
     for layer in update.telemetry:
         counts = _f64(update.expert_tokens(layer))
         share = counts / max(update.tokens(layer), 1.0)
         parts[UTILIZATION + layer] = share - uniform_share(update, counts.numel())
     return parts
+
+
+def received_default(payload: ClientPayload, layer: str, like: torch.Tensor) -> torch.Tensor:
+    """The PG default output of ``layer`` the client received (zeros if the payload had none), float64."""
+    received = payload.pg_defaults.get(layer)
+    return torch.zeros(like.shape, dtype=torch.float64) if received is None else _f64(received)
 
 
 def uniform_share(update: ClientUpdate, num_experts: int) -> float:
@@ -117,8 +122,7 @@ class ServerAggregation:
                 state[name] = (_f64(payload.state[name]) + clipped[STATE + name]).to(tensor.device, tensor.dtype)
         pg_defaults: Tensors = {}
         for layer, tensor in update.pg_defaults.items():
-            received = payload.pg_defaults.get(layer)
-            base = torch.zeros_like(_f64(tensor)) if received is None else _f64(received)
+            base = received_default(payload, layer, tensor)
             pg_defaults[layer] = (base + clipped[PG + layer]).to(tensor.device, tensor.dtype)
         telemetry: dict[str, Tensors] = {}
         shares: Tensors = {}
