@@ -136,6 +136,8 @@ def test_the_cycle_check_finds_a_planted_cycle() -> None:
         ("ubsmoe.fl.backends:BACKENDS", "BACKENDS"),
         ("ubsmoe.fl.backends.flower:HOSTS", "FLOWER_MODES"),
         ("ubsmoe.fl.server_optim:SERVER_OPTIMIZERS", "SERVER_OPTIMIZERS"),
+        ("ubsmoe.fl.aggregators:AGGREGATORS", "AGGREGATORS"),
+        ("ubsmoe.fl.faults:POISONINGS", "BYZANTINE_MODES"),
         ("ubsmoe.fl.schedule:SCHEDULES", "SCHEDULES"),
         ("ubsmoe.backbones:ADAPTERS", "ADAPTERS"),
         ("ubsmoe.data.commonsense:BENCHMARKS", "BENCHMARKS"),

@@ -27,19 +27,31 @@ from ubsmoe.callbacks.dmr import DMRCallback
 from ubsmoe.callbacks.expert_stats import ExpertStatsCallback
 from ubsmoe.callbacks.grad_bias import GradBiasCallback
 from ubsmoe.callbacks.metrics_writer import MetricsWriter
+from ubsmoe.callbacks.privacy_report import PrivacyReport
 from ubsmoe.data.calibration import calibration_batches
 from ubsmoe.data.commonsense import BENCHMARKS, build_commonsense_data
 from ubsmoe.data.datamodule import build_federated_data
 from ubsmoe.data.glue import build_metrics, get_task
 from ubsmoe.data.specs import LoaderSpec, PartitionSpec
 from ubsmoe.data.user_task import prepare_user_data
+from ubsmoe.fl.aggregation import ServerAggregation
 from ubsmoe.fl.client import make_tier_specs
 from ubsmoe.fl.faults import FaultInjection, FaultPolicy
 from ubsmoe.fl.strategies import StrategyContext, build_strategy
 from ubsmoe.model import FederatedClassifier, FederatedModel, check_model, resolve_backbone_path
+from ubsmoe.privacy.dp import ClientLevelDP
 from ubsmoe.run_console import RunConsole
 from ubsmoe.seeding import derive_seed
-from ubsmoe.settings import MethodSettings, ModelSettings, Tier, method_settings, model_settings, optim_settings
+from ubsmoe.settings import (
+    MethodSettings,
+    ModelSettings,
+    Tier,
+    method_settings,
+    model_settings,
+    optim_settings,
+    privacy_settings,
+    server_settings,
+)
 from ubsmoe.smoe.moefy import needs_calibration
 from ubsmoe.tasks.instruction import InstructionTask
 
@@ -227,6 +239,8 @@ def fault_policy(cfg: DictConfig) -> FaultPolicy:
     injection = FaultInjection(
         **{kind: float(fed.faults[kind]) for kind in names.FAULT_KINDS},
         straggler_delay=float(fed.faults.straggler_delay),
+        byzantine_mode=str(fed.faults.byzantine_mode),
+        byzantine_scale=float(fed.faults.byzantine_scale),
     )
     return FaultPolicy(
         injection=injection,
@@ -236,8 +250,35 @@ def fault_policy(cfg: DictConfig) -> FaultPolicy:
     )
 
 
-def build_callbacks(cfg: DictConfig, module: Any, output_dir: Path, console: RunConsole) -> list[Any]:
-    """The run's Fabric callbacks, in the order they must run at the end of a round."""
+def build_aggregation(cfg: DictConfig) -> ServerAggregation:
+    """The server's aggregation rule (``server.aggregator``) and client-level DP mechanism (``privacy``)."""
+    server, privacy = server_settings(cfg), privacy_settings(cfg)
+    dp = None
+    if privacy.enabled:
+        dp = ClientLevelDP(
+            privacy,
+            num_clients=int(cfg.federation.num_clients),
+            clients_per_round=int(cfg.federation.clients_per_round),
+            rounds=int(cfg.federation.rounds),
+            seed=derive_seed(cfg.seed, "privacy"),
+        )
+    return ServerAggregation(
+        aggregator=server.aggregator,
+        trim_fraction=server.trim_fraction,
+        krum_byzantine=server.krum_byzantine,
+        krum_select=server.krum_select,
+        dp=dp,
+    )
+
+
+def build_callbacks(
+    cfg: DictConfig, module: Any, output_dir: Path, console: RunConsole, aggregation: ServerAggregation | None = None
+) -> list[Any]:
+    """The run's Fabric callbacks, in the order they must run at the end of a round.
+
+    With client-level DP, ``aggregation``'s mechanism is reported (and checkpointed) by a
+    :class:`PrivacyReport` that runs before the metrics writer.
+    """
     callbacks: list[Any] = []
     if cfg.callbacks.dmr:
         callbacks.append(DMRCallback(method_settings(cfg).dmr, module.phi_names()))
@@ -245,6 +286,8 @@ def build_callbacks(cfg: DictConfig, module: Any, output_dir: Path, console: Run
     if diagnostics.get("every"):
         # before the metrics writer: it adds fields to the round's records
         callbacks.append(GradBiasCallback(diagnostics["every"], diagnostics["probe_examples"]))
+    if aggregation is not None and aggregation.dp is not None:
+        callbacks.append(PrivacyReport(aggregation.dp, console))  # before the metrics writer: adds epsilon
     if cfg.callbacks.metrics_writer:
         callbacks.append(MetricsWriter(output_dir, method=cfg.method.name, task=cfg.data.task, seed=cfg.seed))
     if cfg.callbacks.expert_stats:

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ubsmoe.assembly import (
+    build_aggregation,
     build_callbacks,
     build_loggers,
     build_module,
@@ -55,7 +56,8 @@ def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The flattened settings a resumed run must share with its checkpoint."""
     raw = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(raw, dict)
-    keep = {k: raw[k] for k in ("seed", "model", "method", "federation", "tiers", "optim", "server")}
+    groups = ("seed", "model", "method", "federation", "tiers", "optim", "server", "privacy")
+    keep = {k: raw[k] for k in groups if k in raw}
     keep["data"] = {k: v for k, v in raw["data"].items() if k != "local_dir"}
     flat = flatten(keep)
     resumable = set(RESUMABLE_KEYS)
@@ -172,7 +174,8 @@ def _train(
     if cfg.fabric.num_threads:
         torch.set_num_threads(int(cfg.fabric.num_threads))
     module = build_module(cfg, tiers, data)
-    callbacks = build_callbacks(cfg, module, output_dir, console)
+    aggregation = build_aggregation(cfg)
+    callbacks = build_callbacks(cfg, module, output_dir, console, aggregation)
     fabric = L.Fabric(
         accelerator=cfg.fabric.accelerator,
         devices=cfg.fabric.devices,
@@ -211,6 +214,7 @@ def _train(
         ),
         prox_mu=float(cfg.federation.prox_mu),
         server_device=server_device(server_settings(cfg).device),
+        aggregation=aggregation,
     )
     if checkpoint is not None:
         loop.load_state_dict(checkpoint)

@@ -116,11 +116,45 @@ class ServerSettings:
     bias_correction: bool = False
     initial_v: float = ranged(0.0, 0.0)
     device: str = one_of("cpu", ("cpu", "cuda"))
+    # How the clients' tensors are combined wherever a method averages (ubsmoe.fl.aggregators):
+    # the (weighted) mean, or a rule robust to poisoned updates.
+    aggregator: str = one_of("mean", names.AGGREGATORS)
+    trim_fraction: float = ranged(0.1, 0.0, 0.5, high_open=True)  # trimmed_mean: weight share cut from each end
+    krum_byzantine: int = ranged(0, 0)  # krum: f, the number of attackers it assumes among a round's clients
+    krum_select: int | None = ranged(None, 1)  # krum: clients kept (1 = Krum, more = Multi-Krum; None: n - f)
 
     @property
     def is_default(self) -> bool:
         """Plain replacement by the aggregate: what every method supports."""
         return self.optimizer == "fedavg" and self.lr == 1.0
+
+
+@dataclass
+class PrivacySettings:
+    """Client-level differential privacy (``configs/privacy/*.yaml``; :mod:`ubsmoe.privacy`).
+
+    ``dp``: ``none``, ``fixed`` clip ``clip_norm`` or ``adaptive`` clip (Andrew et al., 2021:
+    it tracks the ``adaptive_quantile`` of the update norms at rate ``adaptive_lr``, the
+    unclipped count noised with std ``count_noise``, None: clients_per_round / 20).
+    ``noise_multiplier`` z, or ``target_epsilon`` (then z is the smallest that meets it at
+    ``target_delta`` after ``federation.rounds``; ``noise_multiplier`` must then be null).
+    ``public_calibration``: the text a data-driven MoEfication records comes from a public
+    source, not from the clients' data (required to combine ``model.moefy`` calibration with DP).
+    """
+
+    dp: str = one_of("none", names.DP_MODES)
+    clip_norm: float = ranged(1.0, 0.0, low_open=True)
+    noise_multiplier: float | None = ranged(1.0, 0.0)
+    target_delta: float = ranged(1e-5, 0.0, 1.0, low_open=True, high_open=True)
+    target_epsilon: float | None = ranged(None, 0.0, low_open=True)
+    adaptive_quantile: float = ranged(0.5, 0.0, 1.0)
+    adaptive_lr: float = ranged(0.2, 0.0, low_open=True)
+    count_noise: float | None = ranged(None, 0.0, low_open=True)
+    public_calibration: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.dp != "none"
 
 
 @dataclass
@@ -273,6 +307,13 @@ def optim_settings(cfg: DictConfig) -> OptimSettings:
 def server_settings(cfg: DictConfig) -> ServerSettings:
     """The ``server`` group as :class:`ServerSettings`."""
     return group_settings(ServerSettings, _group(cfg, "server"), "server")
+
+
+def privacy_settings(cfg: DictConfig) -> PrivacySettings:
+    """The ``privacy`` group as :class:`PrivacySettings` (a config without the group: no DP)."""
+    if OmegaConf.select(cfg, "privacy") is None:
+        return PrivacySettings()
+    return group_settings(PrivacySettings, _group(cfg, "privacy"), "privacy")
 
 
 def method_settings(cfg: DictConfig) -> MethodSettings:

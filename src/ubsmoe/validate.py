@@ -25,16 +25,21 @@ from ubsmoe.fl.backends.flower_deploy import INSECURE_NOTE, TLS_KEYS, is_loopbac
 from ubsmoe.fl.backends.flower_env import require_flwr
 from ubsmoe.fl.server_optim import check_server_optimizer
 from ubsmoe.fl.strategies import STRATEGIES
+from ubsmoe.privacy.dp import resolved_count_noise, resolved_noise_multiplier
 from ubsmoe.schema import check_known_keys
 from ubsmoe.settings import (
     MethodSettings,
     OptimSettings,
+    PrivacySettings,
     ServerSettings,
     Tier,
     method_settings,
+    model_settings,
     parse_tiers,
+    privacy_settings,
     server_settings,
 )
+from ubsmoe.smoe.moefy import needs_calibration
 
 
 def validate(cfg: DictConfig) -> list[Tier]:
@@ -52,6 +57,7 @@ def validate(cfg: DictConfig) -> list[Tier]:
     _validate_server(cfg)
     _validate_data(cfg, kind)
     steps = _validate_federation(cfg)
+    _validate_privacy(cfg)
     _validate_run(cfg)
 
     tiers = parse_tiers(get(cfg, "tiers"))
@@ -195,6 +201,16 @@ def _validate_server(cfg: DictConfig) -> None:
         raise ConfigError("server.initial_v", initial_v, "0 unless server.optimizer is fedadam, fedyogi or fedadagrad")
     method = method_settings(cfg)
     check_server_optimizer(server_settings(cfg), STRATEGIES[method.name], method_name=method.name)
+    server = server_settings(cfg)
+    if server.aggregator == "krum":
+        f = server.krum_byzantine
+        per_round = int(get(cfg, "federation.clients_per_round"))
+        if 2 * f + 2 >= per_round:
+            allowed = f"an f with 2 f + 2 < federation.clients_per_round ({per_round}): Krum needs n > 2 f + 2"
+            raise ConfigError("server.krum_byzantine", f, allowed)
+        select = server.krum_select
+        if select is not None and select > per_round:
+            raise ConfigError("server.krum_select", select, f"null or at most federation.clients_per_round ({per_round})")
 
 
 def _validate_data(cfg: DictConfig, kind: str) -> None:
@@ -277,7 +293,7 @@ def _validate_faults(cfg: DictConfig, per_round: int) -> None:
         if get(cfg, key) is not None:
             require_float(cfg, key, 0.0, low_open=True)
     faults = get(cfg, "federation.faults")
-    allowed = {*names.FAULT_KINDS, "straggler_delay"}
+    allowed = {*names.FAULT_KINDS, "straggler_delay", "byzantine_mode", "byzantine_scale"}
     if not isinstance(faults, (dict, DictConfig)):
         raise ConfigError("federation.faults", faults, f"a mapping with the keys {sorted(allowed)}")
     unknown = sorted(set(faults.keys()) - allowed)
@@ -291,6 +307,72 @@ def _validate_faults(cfg: DictConfig, per_round: int) -> None:
             f"probabilities that sum to at most 1 (they sum to {total:g})",
         )
     require_float(cfg, "federation.faults.straggler_delay", 0.0)
+    if "byzantine_mode" in faults:
+        require_choice(cfg, "federation.faults.byzantine_mode", names.BYZANTINE_MODES)
+    if "byzantine_scale" in faults:
+        require_float(cfg, "federation.faults.byzantine_scale", 0.0)
+
+
+def _validate_privacy(cfg: DictConfig) -> None:
+    """The ``privacy`` group, and whether the method, aggregator and model can run under client-level DP."""
+    if OmegaConf.select(cfg, "privacy") is None:
+        return
+    check_settings_group(cfg, "privacy", PrivacySettings)
+    privacy = privacy_settings(cfg)
+    if not privacy.enabled:
+        return
+    mode = f"privacy.dp={privacy.dp}"
+    method = method_settings(cfg)
+    if method.name not in names.DP_METHODS:
+        raise ConfigError(
+            "method.name",
+            method.name,
+            f"one of {', '.join(names.DP_METHODS)} under {mode}: the noise is calibrated to an average of the "
+            "clients' states, and this method's server step is not one (docs/privacy.md)",
+        )
+    if method.tier_scale:
+        raise ConfigError(
+            "method.tier_scale",
+            True,
+            f"false under {mode}: each tier's scale is averaged over that tier's clients only, so one client moves "
+            "it by clip / (its tier's clients), more than the noise covers",
+        )
+    aggregator = server_settings(cfg).aggregator
+    if aggregator != "mean":
+        raise ConfigError("server.aggregator", aggregator, f"mean under {mode}: the noise is calibrated to a mean")
+    if privacy.target_epsilon is None and privacy.noise_multiplier is None:
+        raise ConfigError("privacy.noise_multiplier", None, "a number >= 0, or set privacy.target_epsilon")
+    if privacy.target_epsilon is not None and privacy.noise_multiplier is not None:
+        raise ConfigError(
+            "privacy.noise_multiplier", privacy.noise_multiplier, "null when privacy.target_epsilon sets it"
+        )
+    model = model_settings(cfg)
+    calibrates = model.adapter == "moefy" and needs_calibration(
+        model.moefy.method, model.router_init, model.moefy.skip_defaults
+    )
+    if method.sparse and calibrates and not privacy.public_calibration:
+        raise ConfigError(
+            "privacy.public_calibration",
+            False,
+            f"true under {mode} when model.moefy records calibration text (it is read from the clients' training "
+            "data on the server), or a construction without data: model.moefy.method=weights "
+            "model.router_init=centroid model.moefy.skip_defaults=false",
+        )
+    per_round = int(get(cfg, "federation.clients_per_round"))
+    count_noise = resolved_count_noise(privacy, per_round)
+    if count_noise is not None:
+        z = resolved_noise_multiplier(
+            privacy,
+            num_clients=int(get(cfg, "federation.num_clients")),
+            clients_per_round=per_round,
+            rounds=int(get(cfg, "federation.rounds")),
+        )
+        if z > 0 and 2 * count_noise <= z:
+            raise ConfigError(
+                "privacy.count_noise",
+                privacy.count_noise,
+                f"a std above noise_multiplier / 2 = {z / 2:.4g} (null gives clients_per_round / 20 = {per_round / 20:g})",
+            )
 
 
 def _validate_run(cfg: DictConfig) -> None:

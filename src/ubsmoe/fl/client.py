@@ -19,6 +19,7 @@ import torch
 from ubsmoe.settings import Tier
 from ubsmoe.fl.devices import module_device, move_tensors
 from ubsmoe.fl.faults import FaultInjection, InjectedFailure, NonFiniteLoss, inject_bad_shape, inject_nonfinite
+from ubsmoe.fl.faults import poison_update
 from ubsmoe.fl.schedule import lr_factor
 from ubsmoe.seeding import derive_seed
 
@@ -251,6 +252,9 @@ def train_client(
             inject_bad_shape(update.state, rng)
         elif fault == "straggler":
             update.simulated_delay = faults.straggler_delay
+        elif fault == "byzantine":  # a poisoned client: its change scaled, flipped or replaced by noise
+            poison_update(update.state, payload.state, faults.byzantine_mode, faults.byzantine_scale, rng)
+            poison_update(update.pg_defaults, payload.pg_defaults, faults.byzantine_mode, faults.byzantine_scale, rng)
     return update
 
 

@@ -1,7 +1,7 @@
 """Injected client faults, seeded and reproducible, and the run's fault policy.
 
-``federation.faults.{fail, nonfinite, bad_shape, straggler}`` are per-(round, client)
-probabilities of four mutually exclusive faults. Whether a sampled client misbehaves,
+``federation.faults.{fail, nonfinite, bad_shape, straggler, byzantine}`` are per-(round,
+client) probabilities of five mutually exclusive faults. Whether a sampled client misbehaves,
 and how, is drawn from a generator seeded by ``(seed, round, client)`` alone, so it does
 not depend on the order the clients run in, on which other clients were sampled, or on a
 resume; a test can recompute exactly which (round, client) pairs were hit
@@ -16,7 +16,13 @@ misbehave:
 - ``straggler``: trains normally but declares ``straggler_delay`` seconds of (simulated)
   extra wall time; with ``federation.round_timeout`` set below it, the backend drops the
   reply as timed out (the local backend compares the declared delay with the timeout, so
-  the outcome is reproducible; the Flower backend applies the real timeout).
+  the outcome is reproducible; the Flower backend applies the real timeout);
+- ``byzantine``: a poisoned client. It trains normally, then sends a changed update
+  (:func:`poison_update`, ``byzantine_mode`` with factor ``byzantine_scale``): ``scale``
+  multiplies its change (state minus what it received) by the factor, ``sign_flip`` by minus
+  the factor, ``noise`` replaces it by Gaussian noise of the factor times its norm. The reply
+  is well-formed, so the server aggregates it (unless ``max_update_norm`` drops it); the
+  loop logs it to ``faults.jsonl`` with kind ``byzantine`` (:func:`poisoned_records`).
 
 The server side (what is dropped and why) lives in :mod:`ubsmoe.fl.validation`.
 """
@@ -31,9 +37,10 @@ from typing import Any
 
 import torch
 
+from ubsmoe import names
 from ubsmoe.seeding import derive_seed
 
-FAULT_KINDS = ("fail", "nonfinite", "bad_shape", "straggler")
+FAULT_KINDS = names.FAULT_KINDS
 
 Tensors = dict[str, torch.Tensor]
 
@@ -48,13 +55,16 @@ class NonFiniteLoss(FloatingPointError):
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Probabilities (per sampled client and round) of the four injected faults; they sum to at most 1."""
+    """Probabilities (per sampled client and round) of the five injected faults; they sum to at most 1."""
 
     fail: float = 0.0
     nonfinite: float = 0.0
     bad_shape: float = 0.0
     straggler: float = 0.0
+    byzantine: float = 0.0
     straggler_delay: float = 600.0  # seconds a straggler declares (local backend: simulated, no sleeping)
+    byzantine_mode: str = "scale"  # scale | sign_flip | noise (names.BYZANTINE_MODES)
+    byzantine_scale: float = 100.0  # the factor of the poisoned change
 
     @property
     def active(self) -> bool:
@@ -115,18 +125,78 @@ def inject_bad_shape(state: Tensors, rng: random.Random) -> str:
     return name
 
 
+def _scaled(change: torch.Tensor, factor: float, rng: torch.Generator) -> torch.Tensor:
+    del rng
+    return change * factor
+
+
+def _sign_flipped(change: torch.Tensor, factor: float, rng: torch.Generator) -> torch.Tensor:
+    del rng
+    return change * -factor
+
+
+def _noise(change: torch.Tensor, factor: float, rng: torch.Generator) -> torch.Tensor:
+    """Gaussian noise whose expected squared norm is ``factor**2`` times the change's."""
+    rms = change.pow(2).mean().sqrt() if change.numel() else change.new_zeros(())
+    return torch.randn(change.shape, generator=rng, dtype=change.dtype) * rms * factor
+
+
+POISONINGS = {"scale": _scaled, "sign_flip": _sign_flipped, "noise": _noise}
+assert tuple(POISONINGS) == names.BYZANTINE_MODES, "ubsmoe.names.BYZANTINE_MODES and POISONINGS must match"
+
+
+def poison_update(sent: Tensors, received: Tensors, mode: str, factor: float, rng: random.Random) -> None:
+    """Replace each floating tensor of ``sent`` (in place) by received + poisoned(sent - received).
+
+    A tensor without a received counterpart (none in the methods here) is left as it is.
+    """
+    poison = POISONINGS[mode]
+    generator = torch.Generator().manual_seed(rng.randrange(2**63))
+    for name in sorted(sent):
+        tensor, base = sent[name], received.get(name)
+        if base is None or not tensor.is_floating_point() or base.shape != tensor.shape:
+            continue
+        origin = base.detach().to(device="cpu", dtype=torch.float64)
+        change = tensor.detach().to(device="cpu", dtype=torch.float64) - origin
+        sent[name] = (origin + poison(change, factor, generator)).to(device=tensor.device, dtype=tensor.dtype)
+
+
 @dataclass(frozen=True)
 class DroppedClient:
-    """One reply the server did not aggregate: who, which tier, what kind of fault, and why."""
+    """One reply the server did not aggregate (kind ``byzantine``: aggregated though poisoned): who, tier, kind, why."""
 
     round: int  # 1-based, as in metrics.jsonl
     client: int
     tier: str
-    kind: str  # error | timeout | missing | unexpected | shape | dtype | nonfinite | norm | invalid
+    kind: str  # error | timeout | missing | unexpected | shape | dtype | nonfinite | norm | invalid | byzantine
     reason: str
 
     def record(self) -> dict[str, Any]:
         return {"round": self.round, "client": self.client, "tier": self.tier, "kind": self.kind, "reason": self.reason}
+
+
+def poisoned_records(
+    injection: FaultInjection, seed: int, round_idx: int, accepted: list[tuple[int, str]]
+) -> list[DroppedClient]:
+    """Records for the accepted replies (client id, tier name) that were poisoned (``byzantine``) this round.
+
+    The draw depends only on (seed, round, client), so the server side recomputes which
+    replies were poisoned without the client saying so. They were aggregated, not dropped:
+    the reason says so.
+    """
+    if injection.byzantine <= 0:
+        return []
+    return [
+        DroppedClient(
+            round=round_idx + 1,
+            client=client,
+            tier=tier,
+            kind="byzantine",
+            reason=f"aggregated a poisoned update ({injection.byzantine_mode} x{injection.byzantine_scale:g})",
+        )
+        for client, tier in accepted
+        if injection.draw(seed, round_idx, client) == "byzantine"
+    ]
 
 
 class FaultLog:

@@ -37,9 +37,10 @@ from ubsmoe.settings import Tier
 from ubsmoe.errors import ConfigError
 from ubsmoe.fl.backends import ClientBackend, ClientJob, ClientResult, LocalBackend
 from ubsmoe.fl.checkpoint import CHECKPOINT_DIR, CheckpointStore, SignalGuard, pause_for_test
+from ubsmoe.fl.aggregation import ServerAggregation
 from ubsmoe.fl.client import ClientSpec, ClientUpdate, load_payload
-from ubsmoe.fl.faults import DroppedClient, FaultLog, FaultPolicy
-from ubsmoe.fl.server import ClientSampler, ServerState, aggregate_utilization, owning_layer
+from ubsmoe.fl.faults import DroppedClient, FaultLog, FaultPolicy, poisoned_records
+from ubsmoe.fl.server import ClientSampler, ServerState, owning_layer
 from ubsmoe.fl.server_optim import ServerOptimizer
 from ubsmoe.fl.strategies.base import Strategy
 from ubsmoe.fl.summary import RoundSummary, TierEvaluation
@@ -81,6 +82,7 @@ class FederatedLoop:
         server_optimizer: ServerOptimizer | None = None,
         prox_mu: float = 0.0,
         server_device: torch.device | str = "cpu",
+        aggregation: ServerAggregation | None = None,
     ) -> None:
         self.fabric = fabric
         self.module = module
@@ -107,6 +109,7 @@ class FederatedLoop:
         self.last_checkpoint: Path | None = None
         self.server_optimizer = server_optimizer or ServerOptimizer()
         self.prox_mu = float(prox_mu)  # FedProx's mu, passed to every client's training
+        self.aggregation = aggregation or ServerAggregation()  # robust rule and client-level DP around the strategy
         # The server state lives on one device (server.device); every reply is moved there once.
         self.server_device = torch.device(server_device)
         self.server = ServerState(
@@ -206,12 +209,14 @@ class FederatedLoop:
             update.bytes_sent = self.strategy.update_bytes(update)
         skipped = len(updates) < self.faults.min_replies
         self._report_faults(bar, round_idx + 1, len(jobs), dropped, skipped)
+        accepted = [(u.spec.client_id, u.spec.tier.name) for u in updates]
+        self.fault_log.add(poisoned_records(self.faults.injection, self.seed, round_idx, accepted))
         if not skipped:
             before = self.server.global_state
-            self.strategy.aggregate(self.server, updates)
+            # the strategy's aggregation, with the robust rule / DP mechanism; sets the utilization too
+            averaged = self.aggregation.aggregate(self.strategy, self.server, updates, payloads)
             self.server_optimizer.step(before, self.server)
-            self.server.utilization = aggregate_utilization(updates)
-            self.fabric.call("on_aggregate_end", loop=self, round_idx=round_idx, updates=updates)
+            self.fabric.call("on_aggregate_end", loop=self, round_idx=round_idx, updates=averaged)
         self.server.round = round_idx + 1
 
         evaluation = None

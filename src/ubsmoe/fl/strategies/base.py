@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ubsmoe.fl.aggregators import active_rule
 from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate, tensor_bytes
 from ubsmoe.fl.server import ServerState
 from ubsmoe.settings import MethodSettings
@@ -115,8 +116,9 @@ def weighted_mean(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.T
 
     ``weights`` has shape [C] (one weight a client) or [C, E] (one per client and leading
     index, e.g. per expert); rows are expected to sum to 1 over clients.
+    ``server.aggregator`` may replace the mean by a robust rule (:mod:`ubsmoe.fl.aggregators`).
     """
     stacked = torch.stack([t.to(torch.float64) for t in tensors])
     w = weights.to(device=stacked.device, dtype=torch.float64)  # weights follow the tensors they weigh
     w = w.reshape(w.shape + (1,) * (stacked.dim() - w.dim()))
-    return (stacked * w).sum(0).to(tensors[0].dtype)
+    return active_rule()(stacked, w.expand_as(stacked)).to(tensors[0].dtype)
