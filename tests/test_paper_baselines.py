@@ -115,10 +115,38 @@ def test_flexlora_per_rank_aggregates_and_hands_out_in_each_clients_scaling() ->
 
 
 def test_lora_scaling_defaults_follow_each_reference() -> None:
-    expected = {"flexlora": "per_rank", "flora": "per_rank", "florist": "per_rank", "hetlora": "max_rank",
+    expected = {"flexlora": "per_rank", "flora": "constant", "florist": "constant", "hetlora": "max_rank",
                 "fedit": "max_rank", "ubsmoe": "max_rank"}  # fmt: skip
     for method, mode in expected.items():
         assert compose_config(f"method={method}").method.lora_scaling == mode
+
+
+@pytest.mark.parametrize("name", ["flora", "florist"])
+def test_flora_and_florist_clients_scale_by_two_at_every_rank_as_their_reference(name: str) -> None:
+    """FederatedLLM's and FLoRIST's main.py build each client's peft LoRA with lora_alpha = 2 * r_c.
+
+    alpha / r = 4 here, so the reference's scaling 2 differs from both max_rank (4) and
+    per_rank (alpha / r_c = 8 at r_c = 2).
+    """
+    from helpers import build
+
+    from ubsmoe.settings import LoraSettings, ModelSettings
+
+    method = method_settings(compose_config(f"method={name}"))
+    alpha, full = 16.0, R
+    model = build(sparse=False, model=ModelSettings(dropout=0.0, lora=LoraSettings(rank=full, alpha=alpha)), method=method)
+    for rank_c in (2, full):
+        model.set_client(rank=rank_c)
+        assert {layer.scaling["default"] for layer in model._peft_layers} == {2 * rank_c / rank_c}
+
+    strategy = build_strategy(method, StrategyContext(expert_tensor_names=[], lora_scaling=alpha / full, seed=0))
+    if isinstance(strategy, FLoRIST):
+        strategy.tau = 1.0  # the whole stack: its update is then FLoRA's exact sum
+    clients = [_state(21, rank=2), _state(22, rank=full)]
+    server = ServerState(round=0, global_state=_state(23))
+    strategy.aggregate(server, [_update(clients[0], 25, rank=2, client_id=0), _update(clients[1], 75, rank=None, client_id=1)])
+    exact = 0.25 * 2.0 * _product(clients[0], 2) + 0.75 * 2.0 * _product(clients[1])
+    torch.testing.assert_close(strategy.merged[PREFIX].double(), exact, rtol=1e-10, atol=1e-10)
 
 
 # --- FedIT ----------------------------------------------------------------------------------------
@@ -252,7 +280,7 @@ def test_florist_tau_one_is_exact_and_identical_clients_give_that_clients_produc
 
 def test_florist_strategy_merges_the_thresholded_update_and_counts_its_bytes() -> None:
     alpha = 16.0
-    strategy = FLoRIST(scaling=alpha / R, seed=0, tau=1.0)
+    strategy = FLoRIST(scaling=alpha / R, seed=0, tau=1.0, lora_scaling="per_rank")
     server = ServerState(round=0, global_state=_state(12))
     clients = [_state(13, rank=2), _state(14, rank=R)]
     updates = [_update(clients[0], 25, rank=2, client_id=0), _update(clients[1], 75, rank=None, client_id=1)]
@@ -275,6 +303,6 @@ def test_florist_is_a_registered_method_in_compare_and_the_sweep() -> None:
     validate(cfg)
     method = method_settings(cfg)
     strategy = build_strategy(method, StrategyContext(expert_tensor_names=[], lora_scaling=2.0, seed=0))
-    assert isinstance(strategy, FLoRIST) and strategy.tau == 0.9 and strategy.per_rank_scaling
+    assert isinstance(strategy, FLoRIST) and strategy.tau == 0.9 and strategy.lora_scaling_mode == "constant"
     sweep = (Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "methods.yaml").read_text()
     assert "florist" in sweep

@@ -32,7 +32,7 @@ from ubsmoe.names import POOLINGS, ROUTER_INITS
 from ubsmoe.seeding import derive_seed
 from ubsmoe.settings import MethodSettings, ModelSettings, OptimSettings
 from ubsmoe.smoe.flops import EncoderDims, measure_flops
-from ubsmoe.smoe.lora import RankLimiter, peft_lora_layers, set_peft_scaling
+from ubsmoe.smoe.lora import RankLimiter, client_lora_scaling, peft_lora_layers, set_peft_scaling
 from ubsmoe.smoe.moefy import check_moefy_args
 from ubsmoe.smoe.pseudo_grad import add_expert_pseudo_gradients, missed_token_steps, pseudo_gradient_coefficients
 from ubsmoe.smoe.routing import range_penalty
@@ -193,9 +193,8 @@ class FederatedModel(lightning.LightningModule):
         if not isinstance(rank, int) or not 1 <= rank <= full:
             raise ConfigError("client.rank", rank, f"an integer in [1, model.lora.rank={full}]")
         self.rank_limiter.set_rank(rank)
-        # method.lora_scaling: alpha / r_c (per_rank, a stand-alone rank-r_c LoRA) or alpha / r (max_rank)
-        scaled_rank = rank if self.method.lora_scaling == "per_rank" else full
-        set_peft_scaling(self._peft_layers, self.model_settings.lora.alpha / scaled_rank)
+        scaling = client_lora_scaling(self.method.lora_scaling, self.model_settings.lora.alpha, full, rank)
+        set_peft_scaling(self._peft_layers, scaling)
         if self.method.tier_scale and not 0 <= tier_index < self.num_tiers:
             raise ConfigError("client.tier_index", tier_index, f"an integer in [0, {self.num_tiers - 1}]")
         for block in self.blocks.values():

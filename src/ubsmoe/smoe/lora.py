@@ -189,12 +189,35 @@ def peft_lora_layers(module: nn.Module) -> list[nn.Module]:
     ]
 
 
+CONSTANT_LORA_SCALING = 2.0  # lora_scaling=constant: FLoRA's and FLoRIST's reference code build lora_alpha = 2 * r_c
+
+
+def client_lora_scaling(mode: str, alpha: float, full_rank: int, rank: int) -> float:
+    """The LoRA scaling s_c a rank-``rank`` client applies under ``method.lora_scaling=mode``.
+
+    ``per_rank``: alpha / r_c (a stand-alone rank-r_c LoRA with the project's alpha, as
+    FederatedScope's FlexLoRA); ``max_rank``: alpha / r for every rank; ``constant``: 2 for
+    every rank, whatever alpha, as FLoRA's and FLoRIST's reference code (each client's peft
+    LoRA is built with ``lora_alpha = 2 * r_c``). The model and the rank strategies both
+    read it here, so the two always agree.
+    """
+    if not 1 <= rank <= full_rank:
+        raise ValueError(f"client rank {rank} must lie in [1, {full_rank}]")
+    if mode == "per_rank":
+        return alpha / rank
+    if mode == "max_rank":
+        return alpha / full_rank
+    if mode == "constant":
+        return CONSTANT_LORA_SCALING
+    raise ValueError(f"lora_scaling={mode!r} must be 'per_rank', 'max_rank' or 'constant'")
+
+
 def set_peft_scaling(layers: Iterable[nn.Module], scaling: float) -> None:
     """Set the LoRA scaling (peft's ``alpha / r``) of the ``default`` adapter of each layer.
 
-    A rank-``r_c`` client trained inside the rank-``r`` module gets ``alpha / r_c`` here when
-    ``method.lora_scaling`` is ``per_rank``: with the components beyond ``r_c`` zeroed, the
-    module then computes exactly what a stand-alone rank-``r_c`` peft LoRA does.
+    A rank-``r_c`` client trained inside the rank-``r`` module gets :func:`client_lora_scaling`
+    here: with the components beyond ``r_c`` zeroed, the module then computes exactly what a
+    stand-alone rank-``r_c`` peft LoRA of that scaling does.
     """
     for layer in layers:
         layer.scaling["default"] = float(scaling)

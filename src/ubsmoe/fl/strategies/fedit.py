@@ -18,9 +18,8 @@ class FedIT(LoraRankStrategy):
 
     @classmethod
     def from_settings(cls, method: MethodSettings, ctx: StrategyContext) -> FedIT:
-        del ctx
         strategy = cls()
-        strategy.set_lora_scaling(method.lora_scaling)
+        strategy.set_lora_scaling(method.lora_scaling, ctx.lora_scaling)
         return strategy
 
     def merge_pair(

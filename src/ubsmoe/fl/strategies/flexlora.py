@@ -93,7 +93,7 @@ class FlexLoRA(LoraRankStrategy):
         if not scaling > 0:
             raise ValueError(f"LoRA scaling must be positive, got {scaling}")
         self.scaling = float(scaling)
-        self.set_lora_scaling(lora_scaling)
+        self.set_lora_scaling(lora_scaling, scaling)
 
     def merge_pair(
         self,

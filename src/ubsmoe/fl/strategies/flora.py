@@ -102,7 +102,8 @@ class FLoRA(LoraRankStrategy):
     """Stack the clients' pairs, merge the exact product into the base weights, restart LoRA each round.
 
     ``scaling`` is the full-rank LoRA scaling alpha / r (it enters the dense delta, so it must
-    match the model; ``lora_scaling="per_rank"`` folds each client's alpha / r_c in); ``seed``
+    match the model; each client's own scaling s_c is folded in, ``lora_scaling="constant"``
+    being the reference's s_c = 2); ``seed``
     seeds the fresh adapters; ``init`` is ``independent`` (one per client) or ``shared``.
     """
 
@@ -122,7 +123,7 @@ class FLoRA(LoraRankStrategy):
         self.scaling = float(scaling)
         self.seed = int(seed)
         self.init = init
-        self.set_lora_scaling(lora_scaling)
+        self.set_lora_scaling(lora_scaling, scaling)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.merged: Tensors = {}  # prefix -> cumulative dense delta [out, in]
         self.stack_ranks: dict[str, int] = {}  # prefix -> rank of the newest broadcast update

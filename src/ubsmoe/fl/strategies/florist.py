@@ -5,8 +5,9 @@ Fine-Tuning of Large Language Models". Written from the paper's algorithm, as it
 reference code does it:
 
 - every client trains a fresh rank-r_c LoRA each round (as in FLoRA) and uploads
-  (A_c [r_c, n], B_c [m, r_c]) with n_c; each client's scaling alpha / r_c is folded into
-  B_c (``lora_scaling="per_rank"``, :mod:`ubsmoe.fl.strategies.lora_pairs`);
+  (A_c [r_c, n], B_c [m, r_c]) with n_c; each client's scaling s_c is folded into B_c
+  (:mod:`ubsmoe.fl.strategies.lora_pairs`; the reference's ``lora_alpha = 2 * r_c`` is
+  ``lora_scaling="constant"``, s_c = 2 for every rank);
 - per adapted matrix the server weights p_c = n_c / sum n and stacks
   B_st = [B_1 ... B_C] [m, R] and A_st = [p_1 A_1; ...; p_C A_C] [R, n], R = sum r_c, so
   B_st A_st = sum_c p_c B_c A_c exactly (:func:`~ubsmoe.fl.strategies.flora.stack`);
@@ -87,7 +88,7 @@ class FLoRIST(FLoRA):
         )  # fmt: skip
 
     def __init__(
-        self, *, scaling: float, seed: int, tau: float = 0.9, lora_scaling: str = "per_rank", init: str = "independent"
+        self, *, scaling: float, seed: int, tau: float = 0.9, lora_scaling: str = "constant", init: str = "independent"
     ) -> None:
         super().__init__(scaling=scaling, seed=seed, lora_scaling=lora_scaling, init=init)
         energy_rank(torch.ones(1), tau)  # validates tau

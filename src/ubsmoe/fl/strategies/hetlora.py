@@ -142,9 +142,8 @@ class HetLoRA(LoraRankStrategy):
 
     @classmethod
     def from_settings(cls, method: MethodSettings, ctx: StrategyContext) -> HetLoRA:
-        del ctx
         strategy = cls(gamma=method.self_pruning.gamma, strength=method.self_pruning.strength)
-        strategy.set_lora_scaling(method.lora_scaling)
+        strategy.set_lora_scaling(method.lora_scaling, ctx.lora_scaling)
         return strategy
 
     def __init__(self, *, gamma: float | None = None, strength: float = 0.0) -> None:

@@ -14,11 +14,12 @@ keeping the shape and zeroing the tail, and "zero-padding" is what that already 
 :class:`LoraRankStrategy` is the part the rank baselines share: truncated payloads,
 FedAvg of the tensors outside the pairs, and communication counted at rank r_c.
 
-LoRA scaling (``method.lora_scaling``): with ``max_rank`` every client's adapter output is
-``(alpha / r) B_c A_c``; with ``per_rank`` (FlexLoRA's, FLoRA's and FLoRIST's reference code:
-a stand-alone rank-r_c LoRA) it is ``(alpha / r_c) B_c A_c``. The strategies keep the global
-pairs in units of ``alpha / r`` in both cases: a received B_c is multiplied by
-``s_c / s = r / r_c`` (:meth:`LoraRankStrategy.client_pairs`) and a sent one divided by it
+LoRA scaling (``method.lora_scaling``, :func:`ubsmoe.smoe.lora.client_lora_scaling`): a client's
+adapter output is ``s_c B_c A_c`` with s_c = alpha / r (``max_rank``), alpha / r_c (``per_rank``,
+FederatedScope's FlexLoRA: a stand-alone rank-r_c LoRA) or 2 (``constant``, FLoRA's and
+FLoRIST's reference code: ``lora_alpha = 2 * r_c``). The strategies keep the global pairs in
+units of s = alpha / r in every case: a received B_c is multiplied by ``s_c / s``
+(:meth:`LoraRankStrategy.client_pairs`) and a sent one divided by it
 (:meth:`LoraRankStrategy.configure_client`), so every aggregation rule below is written once.
 """
 
@@ -33,6 +34,7 @@ import torch
 from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate, tensor_bytes
 from ubsmoe.fl.server import ServerState
 from ubsmoe.fl.strategies.base import Strategy, example_weights, weighted_mean
+from ubsmoe.smoe.lora import client_lora_scaling
 
 Tensors = dict[str, torch.Tensor]
 
@@ -163,19 +165,27 @@ class LoraRankStrategy(Strategy):
     decide how the pairs themselves are merged.
     """
 
-    per_rank_scaling: bool = False  # method.lora_scaling == "per_rank": a client applies alpha / r_c
+    lora_scaling_mode: str = "max_rank"  # method.lora_scaling
+    full_scaling: float = 1.0  # s = alpha / r, the full-rank adapters' scaling (the global pairs' units)
 
-    def set_lora_scaling(self, mode: str) -> None:
-        """``per_rank`` (alpha / r_c) or ``max_rank`` (alpha / r): how the clients' modules scale their adapters."""
-        if mode not in ("per_rank", "max_rank"):
-            raise ValueError(f"lora_scaling={mode!r} must be 'per_rank' or 'max_rank'")
-        self.per_rank_scaling = mode == "per_rank"
+    def set_lora_scaling(self, mode: str, full_scaling: float | None = None) -> None:
+        """How the clients' modules scale their adapters (``per_rank``, ``max_rank`` or ``constant``).
+
+        ``full_scaling`` is s = alpha / r; the ratio s_c / s needs it only for ``constant``.
+        """
+        client_lora_scaling(mode, 1.0, 1, 1)  # validates the mode
+        if mode == "constant" and full_scaling is None:
+            raise ValueError("lora_scaling='constant' needs the full-rank scaling alpha / r")
+        if full_scaling is not None:
+            if not full_scaling > 0:
+                raise ValueError(f"LoRA scaling must be positive, got {full_scaling}")
+            self.full_scaling = float(full_scaling)
+        self.lora_scaling_mode = mode
 
     def scale_ratio(self, rank: int | None, full_rank: int) -> float:
-        """s_c / s: the client's LoRA scaling over the full-rank one (r / r_c with per-rank scaling, else 1)."""
-        if not self.per_rank_scaling:
-            return 1.0
-        return full_rank / resolve_rank(rank, full_rank)
+        """s_c / s: the client's LoRA scaling over the full-rank one (r / r_c per rank, 2 / s constant, else 1)."""
+        s = self.full_scaling
+        return client_lora_scaling(self.lora_scaling_mode, s * full_rank, full_rank, resolve_rank(rank, full_rank)) / s
 
     def client_rank(self, spec: ClientSpec) -> int | None:
         """The rank this client trains this round (``None``: full rank)."""
@@ -223,8 +233,8 @@ class LoraRankStrategy(Strategy):
         return ClientPayload(state=state, pg_defaults=server.pg_defaults)
 
     def to_client_units(self, state: Tensors, pairs: Mapping[str, tuple[str, str]], spec: ClientSpec) -> Tensors:
-        """Divide each B by s_c / s, so the client's alpha / r_c reproduces the global update (per-rank scaling)."""
-        if not self.per_rank_scaling:
+        """Divide each B by s_c / s, so the client's scaling s_c reproduces the global update."""
+        if self.lora_scaling_mode == "max_rank":
             return state
         out = dict(state)
         for a_name, b_name in pairs.values():
