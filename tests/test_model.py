@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ubsmoe.errors import ConfigError
-from helpers import build, make_batch
+from helpers import build, compose_config, make_batch
 
 from ubsmoe.settings import LoraSettings, MethodSettings, ModelSettings
 
@@ -222,7 +222,10 @@ def test_dmr_penalty_and_optimizer_groups(sparse_model):
     sparse_model.set_client()
 
 
-def test_pg_defaults_round_trip(sparse_model):
+def test_pg_defaults_round_trip():
+    method = MethodSettings()
+    method.pg.router = True  # the defaults exist only with the router-side PG
+    sparse_model = build(method=method)
     defaults = sparse_model.pg_defaults()
     assert set(defaults) == set(sparse_model.blocks) and defaults["encoder.layer.0"].shape == (8, 384)
     new = {n: torch.full_like(v, 0.5) for n, v in defaults.items()}
@@ -288,7 +291,9 @@ def test_router_pg_defaults_travel_only_when_the_router_pg_is_on():
     """Issue 12, item 6: the router-side PG costs L * M * h floats each way, and nothing when it is off."""
     from ubsmoe.fl.client import tensor_bytes
 
-    on = build()
+    router_on = MethodSettings()
+    router_on.pg.router = True
+    on = build(method=router_on)
     layers, m, h = len(on.blocks), on.model_settings.num_experts, on.backbone.config.hidden_size
     assert tensor_bytes(on.pg_defaults()) == layers * m * h * 4
     method = MethodSettings()
@@ -296,3 +301,13 @@ def test_router_pg_defaults_travel_only_when_the_router_pg_is_on():
     off = build(method=method)
     assert off.pg_defaults() == {}
     off.set_pg_defaults({})  # a payload without defaults loads
+
+
+def test_router_pg_is_off_by_default_as_in_the_paper(sparse_model):
+    """The router-side PG is the project's addition: a default run exchanges none of its L * M * h floats."""
+    from ubsmoe.settings import PGSettings, method_settings
+
+    assert PGSettings().router is False
+    for name in ("ubsmoe", "smoe", "smoe_llb", "flame"):
+        assert method_settings(compose_config(f"method={name}")).pg.router is False, name
+    assert sparse_model.pg_defaults() == {}

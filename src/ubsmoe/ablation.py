@@ -11,9 +11,10 @@ binary switches is 32 runs; one-at-a-time reads each mechanism against the same 
 
 - ``full``: the default method;
 - ``no_dmr``: DMR off (no phi, no candidate restriction);
-- ``no_pg_router``: PG's router signal off (the project's addition, L * M * h floats each way);
-- ``no_pg_expert``: PG's expert signal off;
-- ``no_pg``: both PG parts off;
+- ``pg_router``: PG's router signal on (the project's addition, off by default as in the
+  paper; L * M * h floats each way);
+- ``no_pg_expert``: PG's expert signal off (the paper's PG; with the router signal off by
+  default, no PG at all);
 - ``np_2`` / ``np_8``: the candidate set N_p = 2 or 8 (= M: phi biases every expert) instead of 4.
 
 Usage: python -m ubsmoe.ablation [--variants a,b] [--seed 42] [--budget compare] [--root DIR]
@@ -33,9 +34,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 VARIANTS: dict[str, list[str]] = {
     "full": [],
     "no_dmr": ["method.dmr.enabled=false"],
-    "no_pg_router": ["method.pg.router=false"],
+    "pg_router": ["method.pg.router=true"],
     "no_pg_expert": ["method.pg.expert=false"],
-    "no_pg": ["method.pg.router=false", "method.pg.expert=false"],
     "np_2": ["method.dmr.num_candidates=2"],
     "np_8": ["method.dmr.num_candidates=8"],
 }

@@ -211,7 +211,7 @@ class DMRSettings:
 
 @dataclass
 class PGSettings:
-    router: bool = True
+    router: bool = False  # the router-side PG (default outputs D_i): the project's addition, off as in the paper
     expert: bool = True
     eta: float = ranged(0.1, 0.0)
     expert_mode: str = one_of("missed_tokens", ("missed_tokens", "shared_mean"))  # shared_mean: g_bar before AdamW
