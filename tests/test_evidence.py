@@ -40,6 +40,51 @@ def test_gradient_bias_is_zero_at_k_equal_m_and_positive_below():
     assert gradient_bias(module, batch, 2) == sparse  # fixed probe, same dropout masks: reproducible
 
 
+def test_grad_bias_without_pg_is_the_same_with_the_router_side_pg_on():
+    """The router-side PG's signal would reach the expert LoRA of earlier layers: it is off while measuring."""
+    import torch
+
+    from ubsmoe.settings import MethodSettings
+
+    batch = make_batch()
+    results = []
+    for router in (False, True):
+        method = MethodSettings()
+        method.pg.router = router
+        module = build(sparse=True, method=method)
+        if router:  # non-zero default outputs, so the router signal has a gradient to give
+            g = torch.Generator().manual_seed(1)
+            module.set_pg_defaults({name: torch.randn(d.shape, generator=g) for name, d in module.pg_defaults().items()})
+        before = {name: d.clone() for name, d in module.pg_defaults().items()}
+        results.append(gradient_bias(module, batch, 2))
+        assert all(torch.equal(d, before[name]) for name, d in module.pg_defaults().items())  # defaults given back
+        assert all(block.options.pg_router is router for block in module.blocks.values())  # switch given back
+    assert results[0] == results[1]
+
+
+def test_grad_bias_runs_on_a_native_decoder_with_instruction_data(tmp_path):
+    """experiment=commonsense_tiny: a native OLMoE-style decoder on LLM-Adapters' instruction data.
+
+    The reference is the model's K_max experts (a native block cannot run all E), so the
+    full-budget tier measures 0; the probes carry the response-only labels.
+    """
+    from ubsmoe.runner import run_experiment
+
+    out = tmp_path / "run"
+    run_experiment(compose_config(
+        "experiment=commonsense_tiny", "diagnostics.every=1", "federation.rounds=1", "federation.num_clients=4",
+        "federation.clients_per_round=2", "data.max_train_examples=64", "data.max_eval_examples=2",
+        "data.max_length=160", "data.eval_mode=likelihood", "model.k_max=4", "method.pg.router=true",
+        "logger=none", f"paths.output_dir={out}",
+    ))  # fmt: skip
+    records = {r["tier"]: r for r in _records(out)}
+    assert [records[t]["k"] for t in ("t25", "t50", "t75", "t100")] == [1, 2, 3, 4]
+    assert records["t100"]["grad_bias"] == 0.0 and records["t100"]["grad_bias_pg"] == 0.0
+    for tier in ("t25", "t50", "t75"):
+        assert records[tier]["grad_bias"] > 0.0 and records[tier]["grad_bias_pg"] >= 0.0
+        assert records[tier]["grad_bias_pg"] <= records[tier]["grad_bias"]
+
+
 def test_pg_completion_takes_the_best_non_negative_scale_per_expert():
     import torch
 

@@ -9,9 +9,22 @@ a fixed probe batch of that tier's clients' training data, and computes
     grad_bias    = ||g_K - g_M|| / ||g_M||               (the tier's routing, without PG's expert signal)
     grad_bias_pg = min_{a >= 0} ||g_K + a h - g_M|| / ||g_M||  (plus PG's direction h per expert, best scale)
 
-over all expert-LoRA tensors (flattened), where ``g_M`` is the gradient at ``K = M``. Both
-passes use the same dropout masks (the RNG is reseeded), so at ``K = M`` the bias is 0
-exactly. The values land in ``metrics.jsonl`` (fields ``grad_bias``, ``grad_bias_pg``, null
+over all expert-LoRA tensors (flattened). The reference ``g_M`` is the gradient with every
+expert the model can run per token: K_max, the full-budget tier's K (``model.k_max``, else
+the backbone's own top-k, else M). For a dense FFN cut into experts K_max = M by default,
+the all-experts gradient; a native MoE decoder (OLMoE: 8 of 64) cannot run more than its
+top-k, so there the bias is measured against its K_max experts, not against all E. Both
+passes use the same dropout masks (the RNG is reseeded), so at ``K = K_max`` the bias is 0
+exactly.
+
+The router-side PG (``method.pg.router``, the project's addition) is switched off for the
+measurement: its signal reaches the router and, through the router's input, the expert
+LoRA of earlier layers, so with it on "without PG" would already contain PG gradients.
+Both numbers therefore describe routing alone and the expert PG direction alone.
+
+The probe is a fixed batch of the tier's clients' training data with its labels
+(:func:`ubsmoe.data.calibration.probe_batch`), so the measurement runs on GLUE and on
+instruction data alike. The values land in ``metrics.jsonl`` (fields ``grad_bias``, ``grad_bias_pg``, null
 on rounds without a measurement and for dense methods) through ``RoundSummary.tier_extras``,
 so this callback must run before the metrics writer.
 """
@@ -22,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ubsmoe.data.calibration import calibration_batches, round_robin_picks
+from ubsmoe.data.calibration import probe_batch
 from ubsmoe.fl.client import load_payload
 
 PROBE_SEED = 12345
@@ -96,24 +109,27 @@ def _best_completion(missing: torch.Tensor, direction: torch.Tensor) -> torch.Te
 
 
 def gradient_bias(module: Any, batch: dict[str, torch.Tensor], k: int, *, seed: int = PROBE_SEED) -> dict[str, float]:
-    """``{"grad_bias", "grad_bias_pg"}`` at ``k`` experts on ``batch``, relative to all experts.
+    """``{"grad_bias", "grad_bias_pg"}`` at ``k`` experts on ``batch``, relative to K_max experts.
 
-    ``grad_bias = ||g_K - g_M|| / ||g_M||``. ``grad_bias_pg`` is what is left when each
+    ``grad_bias = ||g_K - g_M|| / ||g_M||``, ``g_M`` at ``module.k_max`` (every expert of a
+    dense FFN cut into experts; a native decoder's own top-k) and the router-side PG off in
+    every pass (module docstring). ``grad_bias_pg`` is what is left when each
     expert's gradient is completed by PG's direction at its best non-negative scale (per
     expert and LoRA tensor): how much of what sparse routing drops PG's direction can
     supply, for any ``eta`` (the scale PG actually uses is ``eta * rho_c``, applied outside
-    the optimizer, so no single gradient-unit value exists for it). A training forward pass
-    updates the PG default outputs (a running mean), and through the router signal they
-    reach the gradient of earlier layers; every pass therefore starts from the same
-    defaults, and the module gets its own back at the end.
+    the optimizer, so no single gradient-unit value exists for it). The module gets its
+    router-PG switch and its PG default outputs back at the end.
     """
     defaults = module.pg_defaults()
+    router_pg = {name: block.options.pg_router for name, block in module.blocks.items()}
     try:
-        module.set_pg_defaults(defaults)
-        reference, _ = expert_gradient(module, batch, module.model_settings.num_experts, seed=seed)
-        module.set_pg_defaults(defaults)
+        for block in module.blocks.values():
+            block.options.pg_router = False
+        reference, _ = expert_gradient(module, batch, module.k_max, seed=seed)
         sparse, directions = expert_gradient(module, batch, k, seed=seed)
     finally:
+        for name, block in module.blocks.items():
+            block.options.pg_router = router_pg[name]
         module.set_pg_defaults(defaults)
     norm_sq = sum(float(g.square().sum()) for g in reference.values())
     plain_sq = completed_sq = 0.0
@@ -140,13 +156,7 @@ class GradBiasCallback:
         for tier_index in range(len(loop.tiers)):
             clients = [loop.data.clients[s.client_id] for s in loop.specs if s.tier_index == tier_index]
             if clients:
-                batches = calibration_batches(clients, self.probe_examples, batch_size=self.probe_examples)
-                self.probes[tier_index] = self._with_labels(clients, self.probe_examples) | batches[0]
-
-    @staticmethod
-    def _with_labels(clients: list[Any], n: int) -> dict[str, torch.Tensor]:
-        """The labels of the same examples :func:`calibration_batches` picks (round robin over clients)."""
-        return {"labels": torch.as_tensor([clients[c].dataset[i]["labels"] for c, i in round_robin_picks(clients, n)])}
+                self.probes[tier_index] = probe_batch(clients, self.probe_examples)
 
     def on_round_end(self, loop: Any, summary: Any) -> None:
         if not self.probes or summary.round % self.every:
