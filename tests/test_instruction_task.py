@@ -1,9 +1,10 @@
-"""The instruction task: prompt, response-only loss, padding sides, answer extraction, likelihood scoring."""
+"""The instruction task: prompts, loss labels, padding sides, answer extraction, beams, likelihood scoring."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import compose_config
 
 from ubsmoe.backbones import build_adapter
 from ubsmoe.backbones.tiny import tiny_tokenizer
@@ -18,6 +19,7 @@ from ubsmoe.data.instruction_format import (
 )
 from ubsmoe.model import FederatedModel
 from ubsmoe.settings import LoraSettings, MethodSettings, ModelSettings
+from ubsmoe.validate import validate
 from ubsmoe.tasks.instruction import (
     InstructionTask,
     extract_answer,
@@ -259,3 +261,95 @@ def test_console_shows_the_means_per_tier_and_each_benchmark_as_a_row() -> None:
     assert "per metric and tier" in text and f"{next(iter(BENCHMARKS))}/acc " in text and "1.2500" in text
     header = next(line for line in text.splitlines() if "tier" in line and "beta" in line)
     assert "no_answer" not in text and "acc_gen" not in header.replace("mean_acc_gen", "")
+
+# --- LLM-Adapters' commonsense format, as its finetune.py (training) and commonsense_evaluate.py
+# (evaluation) build it for a Commonsense-15K record, whitespace included -------------------------
+
+PAD = " " * 16
+TRAIN_TEXT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "  # noqa: E501\n\n"
+    f"{PAD}### Instruction:\n{PAD}{RECORD['instruction']}\n{PAD}\n{PAD}### Response:\n{PAD}the correct answer is true"
+)
+EVAL_TEXT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
+    f"{PAD}### Instruction:\n{PAD}{RECORD['instruction']}\n\n{PAD}### Response:\n{PAD}"
+)
+
+
+def test_llm_adapters_prompts_keep_the_reference_text_and_whitespace() -> None:
+    assert format_prompt(RECORD, "llm_adapters", training=True) + RECORD["output"] == TRAIN_TEXT
+    assert format_prompt(RECORD, "llm_adapters") == EVAL_TEXT
+    with_input = {**RECORD, "input": "some context"}
+    assert format_prompt(with_input, "llm_adapters").endswith(
+        f"{PAD}### Input:\n{PAD}some context\n\n{PAD}### Response:\n{PAD}"
+    )
+    assert format_prompt(with_input, "llm_adapters", training=True).endswith(
+        f"{PAD}### Input:\n{PAD}some context\n{PAD}\n{PAD}### Response:\n{PAD}"
+    )
+    assert format_prompt(RECORD) == format_prompt(RECORD, training=True)  # alpaca: one text for both
+
+
+def test_train_on_inputs_tokenizes_prompt_and_response_as_one_text_with_a_loss_on_every_token() -> None:
+    encoded = encode_train(TOK, RECORD, 10_000, template="llm_adapters", train_on_inputs=True)
+    expected = list(TOK(TRAIN_TEXT)["input_ids"]) + [TOK.eos_token_id]
+    assert encoded["input_ids"] == expected
+    assert encoded["labels"] == expected  # no -100: finetune.py's train_on_inputs=True
+    masked = encode_train(TOK, RECORD, 10_000, template="llm_adapters", train_on_inputs=False)
+    assert IGNORE_INDEX in masked["labels"]
+    n_prompt = len(TOK(format_prompt(RECORD, "llm_adapters", training=True))["input_ids"])
+    assert masked["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+
+
+@pytest.mark.parametrize("benchmark", ["social_i_qa", "ARC-Easy", "ARC-Challenge", "openbookqa"])
+def test_answer_patterns_match_answer1_to_answer5_as_the_reference(benchmark: str) -> None:
+    pattern = BENCHMARKS[benchmark].pattern
+    for i in range(1, 6):
+        assert extract_answer(f"the correct answer is answer{i}", pattern) == f"answer{i}"
+    # the first match wins even when it is not one of the benchmark's choices (a wrong answer, not a miss)
+    assert extract_answer("answer5 then answer1", pattern) == "answer5"
+
+
+def test_a_matched_word_that_is_no_choice_counts_as_a_wrong_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ubsmoe.tasks import instruction
+
+    task = instruction.InstructionTask(
+        tokenizer=TOK, answer_patterns={"social_i_qa": BENCHMARKS["social_i_qa"].pattern},
+        answer_words={"social_i_qa": BENCHMARKS["social_i_qa"].answer_words}, eval_mode="generation",
+    )  # fmt: skip
+    texts = ["the correct answer is answer5", "the correct answer is answer2", "no idea"]
+    new = [TOK(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(n) for n in new)
+    padded = torch.tensor([n + [TOK.eos_token_id] * (width - len(n)) for n in new])
+    monkeypatch.setattr(instruction, "greedy_generate", lambda *a, **k: padded)
+    batch = {"input_ids": torch.zeros(3, 1, dtype=torch.long), "attention_mask": torch.ones(3, 1, dtype=torch.long),
+             "benchmark": "social_i_qa"}  # fmt: skip
+    assert task.predict_generation(None, batch) == [-1, 1, None]
+
+
+def test_beam_search_is_passed_to_generate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ubsmoe.tasks import instruction
+
+    seen = {}
+
+    class Backbone:
+        def register_forward_pre_hook(self, *a, **k):
+            return type("Handle", (), {"remove": lambda self: None})()
+
+        def generate(self, **kwargs):
+            seen.update(kwargs)
+            return torch.cat([kwargs["input_ids"], torch.zeros(1, 2, dtype=torch.long)], dim=1)
+
+    module = type("Module", (), {"backbone": Backbone(), "set_token_mask": lambda self, m: None})()
+    ids = torch.ones(1, 3, dtype=torch.long)
+    out = instruction.greedy_generate(module, ids, ids, max_new_tokens=2, pad_id=0, eos_id=None, num_beams=4)
+    assert seen["num_beams"] == 4 and seen["do_sample"] is False and out.shape == (1, 2)
+
+
+def test_commonsense_olmoe_uses_the_reference_values_and_the_tiny_run_stays_cheap() -> None:
+    olmoe = compose_config("experiment=commonsense_olmoe")
+    validate(olmoe)
+    assert (olmoe.data.num_beams, olmoe.data.train_on_inputs, olmoe.data.prompt_template) == (4, True, "llm_adapters")
+    assert olmoe.data.max_new_tokens == 32
+    tiny = compose_config("experiment=commonsense_tiny")
+    assert (tiny.data.num_beams, tiny.data.train_on_inputs, tiny.data.prompt_template) == (1, False, "alpaca")

@@ -159,6 +159,8 @@ class CommonsenseKind(RunKind):
             max_length=d.max_length,
             partition=PartitionSpec.from_config(cfg),
             loader=LoaderSpec.from_config(cfg),
+            prompt_template=d.prompt_template,
+            train_on_inputs=d.train_on_inputs,
         )
 
     def module(
@@ -173,6 +175,7 @@ class CommonsenseKind(RunKind):
             eval_mode=cfg.data.eval_mode,
             max_new_tokens=cfg.data.max_new_tokens,
             likelihood_prefix=cfg.data.likelihood_prefix,
+            num_beams=cfg.data.num_beams,
         )
         return FederatedModel(
             adapter=build_adapter(model.adapter), task=task, model=model, method=method,

@@ -46,6 +46,7 @@ GATE_NORMS = ("model", "renormalize")  # model.gate_norm (ubsmoe.smoe.native_lay
 # data.* of data.kind=commonsense (ubsmoe.data.commonsense.BENCHMARKS, ubsmoe.tasks.instruction)
 BENCHMARKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 EVAL_MODES = ("likelihood", "generation", "both")
+PROMPT_TEMPLATES = ("alpaca", "llm_adapters")  # data.prompt_template (ubsmoe.data.instruction_format.TEMPLATES)
 PARTITION_BY = ("source", "answer")
 # logger.* and fabric.*
 LOGGERS = ("wandb", "csv", "none")

@@ -231,6 +231,10 @@ def _validate_commonsense(cfg: DictConfig) -> None:
     benchmarks = list(names.BENCHMARKS)
     require_choice(cfg, "data.eval_mode", names.EVAL_MODES)
     require_int(cfg, "data.max_new_tokens", 1)
+    require_int(cfg, "data.num_beams", 1)
+    require_choice(cfg, "data.prompt_template", names.PROMPT_TEMPLATES)
+    if not isinstance(get(cfg, "data.train_on_inputs"), bool):
+        raise ConfigError("data.train_on_inputs", get(cfg, "data.train_on_inputs"), "true or false")
     require_choice(cfg, "data.partition_by", names.PARTITION_BY)
     source = get(cfg, "data.train_source")
     if not isinstance(source, str) or not source:

@@ -51,15 +51,21 @@ REQUIRED_FIELDS = ("instruction", "answer")
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One commonsense benchmark: its directory name and the answer words its scorer looks for."""
+    """One commonsense benchmark: its directory name, its answer words and the words its scorer looks for.
+
+    ``matched_words`` (empty: the answer words) is what LLM-Adapters' ``commonsense_evaluate.py``
+    searches a generation for: answer1 to answer5 for social_i_qa, ARC and openbookqa, whatever
+    their number of choices, so an answer4 on social_i_qa is a wrong answer, not a miss.
+    """
 
     name: str
     answer_words: tuple[str, ...]
+    matched_words: tuple[str, ...] = ()
 
     @property
     def pattern(self) -> re.Pattern[str]:
-        """LLM-Adapters' rule: the answer words as one alternation; the first (leftmost) match wins."""
-        return re.compile("|".join(re.escape(w) for w in self.answer_words))
+        """LLM-Adapters' rule: the matched words as one alternation; the first (leftmost) match wins."""
+        return re.compile("|".join(re.escape(w) for w in self.matched_words or self.answer_words))
 
 
 def _numbered(stem: str, n: int) -> tuple[str, ...]:
@@ -71,12 +77,12 @@ BENCHMARKS: dict[str, Benchmark] = {
     for b in (
         Benchmark("boolq", ("true", "false")),
         Benchmark("piqa", _numbered("solution", 2)),
-        Benchmark("social_i_qa", _numbered("answer", 3)),
+        Benchmark("social_i_qa", _numbered("answer", 3), _numbered("answer", 5)),
         Benchmark("hellaswag", _numbered("ending", 4)),
         Benchmark("winogrande", _numbered("option", 2)),
         Benchmark("ARC-Easy", _numbered("answer", 5)),
         Benchmark("ARC-Challenge", _numbered("answer", 5)),
-        Benchmark("openbookqa", _numbered("answer", 4)),
+        Benchmark("openbookqa", _numbered("answer", 4), _numbered("answer", 5)),
     )
 }
 
@@ -281,12 +287,16 @@ def build_commonsense_data(
     max_length: int,
     partition: PartitionSpec,
     loader: LoaderSpec,
+    prompt_template: str = "alpaca",
+    train_on_inputs: bool = False,
 ) -> FederatedData:
     """Load, check, subsample, partition and tokenize the commonsense data for ``partition.num_clients`` clients.
 
     The training mixture is partitioned with the Dirichlet (or iid) partitioner over each
     record's source benchmark (``partition_by: source``) or answer word (``answer``); the
     evaluation sets are one left-padded loader per benchmark, in ``eval_benchmarks`` order.
+    ``prompt_template`` and ``train_on_inputs`` (``data.prompt_template``, ``data.train_on_inputs``)
+    choose the prompt text and which tokens have a loss (:func:`~ubsmoe.data.instruction_format.encode_train`).
     Randomness: the subsample, the partition and the batch order each use their own stream
     derived from ``partition.seed``, as for GLUE.
     """
@@ -308,7 +318,10 @@ def build_commonsense_data(
     parts = partition.split(label_ids)
 
     pad_id = pad_id_of(tokenizer)
-    encoded = [encode_train(tokenizer, r, max_length) for r in records]
+    encoded = [
+        encode_train(tokenizer, r, max_length, template=prompt_template, train_on_inputs=train_on_inputs)
+        for r in records
+    ]
     train = datasets.Dataset.from_dict(
         {"input_ids": [e["input_ids"] for e in encoded], "labels": [e["labels"] for e in encoded]}
     )
@@ -328,7 +341,7 @@ def build_commonsense_data(
             rows = rows[: loader.max_eval_examples]
         items = [
             {
-                "input_ids": prompt_ids(tokenizer, r, max_length),
+                "input_ids": prompt_ids(tokenizer, r, max_length, prompt_template),
                 "answer_index": answer_index(r, bench, key="data.local_dir", origin=f"{bench.name}/test", index=i),
             }
             for i, r in enumerate(rows)

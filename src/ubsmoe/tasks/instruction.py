@@ -187,15 +187,15 @@ class _TokenMaskFromInputs:
 @torch.no_grad()
 def greedy_generate(
     module: TaskModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, pad_id: int,
-    eos_id: int | None,
+    eos_id: int | None, num_beams: int = 1,
 ) -> torch.Tensor:
-    """Greedy continuation of left-padded prompts with the KV cache; returns the new tokens only."""
+    """Greedy (``num_beams=1``) or beam-search continuation of left-padded prompts with the KV cache; new tokens only."""
     backbone = module.backbone
     handle = backbone.register_forward_pre_hook(_TokenMaskFromInputs(module), with_kwargs=True)
     try:
         out = backbone.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
-            num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id,
+            num_beams=num_beams, pad_token_id=pad_id, eos_token_id=eos_id,
         )  # fmt: skip
     finally:
         handle.remove()
@@ -224,6 +224,7 @@ class InstructionTask(Task):
         eval_mode: str = "likelihood",
         max_new_tokens: int = 32,
         likelihood_prefix: str = "the correct answer is ",
+        num_beams: int = 1,
     ) -> None:
         if eval_mode not in EVAL_MODES:
             raise ConfigError("data.eval_mode", eval_mode, f"one of {list(EVAL_MODES)}")
@@ -235,6 +236,7 @@ class InstructionTask(Task):
         self.eval_mode = eval_mode
         self.max_new_tokens = max_new_tokens
         self.likelihood_prefix = likelihood_prefix
+        self.num_beams = num_beams  # data.num_beams: 4 in LLM-Adapters' commonsense_evaluate.py
         self.pad_id = pad_id_of(tokenizer)
         self._candidates: dict[str, list[tuple[list[int], list[int]]]] = {}
 
@@ -271,13 +273,13 @@ class InstructionTask(Task):
         """Index of the answer word extracted from the greedy output (``None``: no match)."""
         new = greedy_generate(
             module, batch["input_ids"], batch["attention_mask"], max_new_tokens=self.max_new_tokens,
-            pad_id=self.pad_id, eos_id=self.tokenizer.eos_token_id,
+            pad_id=self.pad_id, eos_id=self.tokenizer.eos_token_id, num_beams=self.num_beams,
         )  # fmt: skip
         words = self.answer_words[batch["benchmark"]]
         pattern = self.answer_patterns[batch["benchmark"]]
         texts = self.tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)
         found = [extract_answer(t, pattern) for t in texts]
-        return [words.index(f) if f is not None else None for f in found]
+        return [None if f is None else words.index(f) if f in words else -1 for f in found]  # -1: a non-choice, wrong
 
     def evaluate(self, module: TaskModel, loaders: Mapping[str, Any], fabric: Any) -> TaskEvaluation:
         modes = ("generation", "likelihood") if self.eval_mode == "both" else (self.eval_mode,)
