@@ -237,7 +237,8 @@ class MethodSettings:
     balance_loss: float = ranged(0.0, 0.0)
     expert_agg_exponent: float = ranged(0.0, 0.0)
     self_pruning: SelfPruningSettings = field(default_factory=SelfPruningSettings)
-    lora_scaling: str = one_of("max_rank", ("per_rank", "max_rank", "constant"))  # alpha / r_c | alpha / r | 2, every rank
+    # LoRA scaling of a rank-r_c client: alpha / r_c | alpha / r | 2 (smoe.lora.client_lora_scaling)
+    lora_scaling: str = one_of("max_rank", ("per_rank", "max_rank", "constant"))
     homogeneous_rank: str = one_of("full", ("full", "smallest"))  # FedIT: every tier at rank r | at min r_c
     flora_init: str = one_of("independent", ("independent", "shared"))  # FLoRA's fresh adapters: per client | shared
     energy_threshold: float = ranged(0.9, 0.0, 1.0, low_open=True)  # FLoRIST's tau: kept share of the squared singular values

@@ -54,8 +54,11 @@ class PromptTemplate:
 _INDENT = " " * 16  # LLM-Adapters writes its prompts inside indented triple-quoted strings
 _REQUEST = "Write a response that appropriately completes the request."
 _HEAD = "Below is an instruction that describes a task. " + _REQUEST
-_HEAD_WITH_INPUT = "Below is an instruction that describes a task, paired with an input that provides further context. " + _REQUEST
+_HEAD_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. " + _REQUEST
+)
 _NOQA = "  # noqa: E501"  # inside finetune.py's string, so part of every training prompt there
+_WITH_INPUT = (("Instruction", "{instruction}"), ("Input", "{input}"))
 
 
 def _indented(head: str, sections: Sequence[tuple[str, str]], blank: str) -> str:
@@ -66,13 +69,15 @@ def _indented(head: str, sections: Sequence[tuple[str, str]], blank: str) -> str
 
 TEMPLATES: dict[str, PromptTemplate] = {  # keys: ubsmoe.names.PROMPT_TEMPLATES
     # the Alpaca prompt with clean whitespace, the same text for training and evaluation
-    "alpaca": PromptTemplate(train=PROMPT, train_with_input=PROMPT_WITH_INPUT, evaluate=PROMPT, evaluate_with_input=PROMPT_WITH_INPUT),
+    "alpaca": PromptTemplate(
+        train=PROMPT, train_with_input=PROMPT_WITH_INPUT, evaluate=PROMPT, evaluate_with_input=PROMPT_WITH_INPUT
+    ),
     # LLM-Adapters' own text: finetune.py's generate_prompt for training, commonsense_evaluate.py's for evaluation
     "llm_adapters": PromptTemplate(
         train=_indented(_HEAD + _NOQA, [("Instruction", "{instruction}")], _INDENT),
-        train_with_input=_indented(_HEAD_WITH_INPUT + _NOQA, [("Instruction", "{instruction}"), ("Input", "{input}")], _INDENT),
+        train_with_input=_indented(_HEAD_WITH_INPUT + _NOQA, _WITH_INPUT, _INDENT),
         evaluate=_indented(_HEAD + " ", [("Instruction", "{instruction}")], ""),
-        evaluate_with_input=_indented(_HEAD_WITH_INPUT, [("Instruction", "{instruction}"), ("Input", "{input}")], ""),
+        evaluate_with_input=_indented(_HEAD_WITH_INPUT, _WITH_INPUT, ""),
     ),
 }
 
@@ -106,7 +111,12 @@ def response_text(record: Mapping[str, Any]) -> str:
 
 
 def encode_train(
-    tokenizer: Any, record: Mapping[str, Any], max_length: int, *, template: str = "alpaca", train_on_inputs: bool = False
+    tokenizer: Any,
+    record: Mapping[str, Any],
+    max_length: int,
+    *,
+    template: str = "alpaca",
+    train_on_inputs: bool = False,
 ) -> dict[str, list[int]]:
     """``input_ids`` = training prompt + response + EOS and the ``labels`` of the loss.
 

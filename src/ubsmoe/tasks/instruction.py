@@ -189,7 +189,7 @@ def greedy_generate(
     module: TaskModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, pad_id: int,
     eos_id: int | None, num_beams: int = 1,
 ) -> torch.Tensor:
-    """Greedy (``num_beams=1``) or beam-search continuation of left-padded prompts with the KV cache; new tokens only."""
+    """Greedy (``num_beams=1``) or beam-search continuation of left-padded prompts (KV cache); the new tokens only."""
     backbone = module.backbone
     handle = backbone.register_forward_pre_hook(_TokenMaskFromInputs(module), with_kwargs=True)
     try:
