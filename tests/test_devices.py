@@ -177,7 +177,9 @@ class ElsewhereBackend(ClientBackend):
 
 @functools.cache
 def settings_of(method: str) -> MethodSettings:
-    return method_settings(compose_config(f"method={method}"))
+    # UB-SMoE with its router-side PG on (off by default), so PG default outputs travel too
+    extra = ("method.pg.router=true",) if method == "ubsmoe" else ()
+    return method_settings(compose_config(f"method={method}", *extra))
 
 
 def server_settings_for(optimizer: str) -> ServerSettings:
@@ -228,6 +230,7 @@ def test_replies_from_another_device_are_received_onto_the_servers(method: str, 
     server = loop.server
     assert set(server.global_state) == set(before)
     assert ordinary_cpu(server.global_state) and ordinary_cpu(server.pg_defaults) and ordinary_cpu(server.utilization)
+    assert bool(server.pg_defaults) == (method == "ubsmoe")
     assert all(not torch.equal(server.global_state[n], before[n]) for n in before if n.endswith("head.weight"))
     assert ordinary_cpu([u.state for u in summary.updates]) and ordinary_cpu([u.telemetry for u in summary.updates])
     assert ordinary_cpu(callbacks[0].previous)
