@@ -35,7 +35,7 @@ from ubsmoe.smoe.moefy import moefy
 from ubsmoe.smoe.quality import hidden_states, moefied_closeness
 
 ROOT = Path(__file__).resolve().parents[1]
-# name -> (method, router_init, skip_defaults). `weights` is the construction before issue 13.
+# name -> (method, router_init, skip_defaults). `weights` is the construction that needs no calibration data.
 CONSTRUCTIONS = {
     "weights": ("weights", "centroid", False),
     "coactivation": ("coactivation", "fitted", True),

@@ -32,7 +32,7 @@ separately: each layer's MoE block alone, forward and backward on the hidden sta
 reach it in a real forward pass (the step without it is attention, norms, head, optimizer).
 On CUDA each step's peak memory above what was allocated before it is recorded too.
 
-Targets (issue 10): ``native_k8`` within 1.15x of ``hf``; ``native_k2``'s MoE time at most
+Targets: ``native_k8`` within 1.15x of ``hf``; ``native_k2``'s MoE time at most
 0.5x ``native_k8``'s. Run: ``PYTHONPATH=src .venv/bin/python benchmarks/native_moe_speed.py``
 (writes ``logs/bench/native_moe_speed.json``). On a GPU: ``--dims olmoe-1b-7b --dtype bfloat16
 --device cuda`` (``scripts/gpu_check.sh``).

@@ -1,4 +1,4 @@
-"""Cost of the PG expert signal's missed-token sums (issue 12), against the experts' own work.
+"""Cost of the PG expert signal's missed-token sums, against the experts' own work.
 
 1. The sums alone (`accumulate_missed_tokens`) for one layer at MiniLM's sizes (M = 8,
    r = 8, h = 384, d_e = 192) and 4,096 assignments (batch 32 x 64 tokens x K = 2), against

@@ -130,7 +130,7 @@ def test_pseudo_gradients_reach_experts_without_tokens():
     add_expert_pseudo_gradients(block.lora.tensors(), counters["expert_tokens"], coefficients)
     assignments = counters["expert_tokens"].sum()
     for tensor, before in zip(block.lora.tensors(), real, strict=True):
-        # per-assignment mean: each expert's gradient already sums over its tokens (issue 12 (a))
+        # per-assignment mean: each expert's gradient already sums over its tokens
         g_bar = before.sum(0) / assignments.to(before.dtype)
         for e in range(M):
             added = tensor.grad[e] - before[e]
@@ -231,7 +231,7 @@ def test_missed_token_steps_scale_with_eta_and_differ_between_starved_experts() 
 
 
 def test_shared_mean_gives_every_starved_expert_the_same_direction() -> None:
-    """The first design (kept as expert_mode=shared_mean): parallel updates, the behaviour issue 12 replaces."""
+    """The first design (kept as expert_mode=shared_mean): parallel updates, the behaviour missed_tokens replaces."""
     x = tokens(40)
     block = _two_starved_block().train()
     counters = step_grads(block, x)

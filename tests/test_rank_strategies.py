@@ -166,7 +166,7 @@ def test_prune_rank_drops_a_zero_tail_and_keeps_a_live_one() -> None:
     a, b = state[A_NAME].clone(), state[B_NAME].clone()
     assert prune_rank(a, b, R, 0.5) == R  # a live tail, nothing to compare with: keep
     b[:, 2:] = 0
-    # issue 12: no "negligible tail" rule (not in the paper): without a reference nothing is pruned
+    # no "negligible tail" rule (not in the paper): without a reference nothing is pruned
     assert prune_rank(a, b, R, 0.5) == R
     assert prune_rank(a, b, R, 0.5, reference=1e-3) == 2
     assert prune_rank(a, b, R, 0.75, reference=1e-3) == 3

@@ -8,7 +8,7 @@ aggregate without knowing the architecture.
 
 It composes one backbone adapter (:mod:`ubsmoe.backbones`: ``moefy`` cuts a dense
 encoder's FFNs into experts, ``native`` converts a sparse decoder's own experts) and one
-task (:mod:`ubsmoe.tasks`: GLUE classification, instruction tuning), DESIGN.md section 6.
+task (:mod:`ubsmoe.tasks`: GLUE classification, instruction tuning), docs/design.md.
 Everything the engine touches (budget, state exchange, telemetry, PG, optimizer groups)
 is defined here once, on the sparse-block surface the adapters share; the head, the loss
 and the evaluation belong to the task. :class:`FederatedClassifier` is the GLUE

@@ -1,6 +1,6 @@
 """The backbone-adapter interface: a Hugging Face model in, a frozen model with sparse blocks out.
 
-DESIGN.md section 6: the federated engine, the strategies, DMR and PG see only one surface,
+docs/design.md: the federated engine, the strategies, DMR and PG see only one surface,
 whatever the backbone: a dict of sparse blocks (``set_k``, ``phi``, ``router``, telemetry
 counters, stacked expert LoRA with the expert as dim 0, PG defaults) and a flat set of
 named trainable tensors. A :class:`BackboneAdapter` produces that surface from a model

@@ -6,7 +6,7 @@ After the strategy has averaged the round's clients, this callback sets, per SMo
     phi    = zeta * source + (1 - zeta) * phi~          (then clipped to [phi_min, phi_max])
 
 so over-used experts get a negative modulation and neglected ones a positive one
-(DESIGN.md section 3). Two readings of "updated with momentum zeta", a switch
+(docs/paper.md). Two readings of "updated with momentum zeta", a switch
 (``method.dmr.momentum_source``):
 
 - ``previous_global`` (default, the paper's reading): ``source`` = the global phi of the

@@ -1,4 +1,4 @@
-"""Metrics files, the contract between a run and the notebooks (DESIGN.md section 5).
+"""Metrics files, the contract between a run and the notebooks (docs/outputs.md).
 
 ``metrics.jsonl``: one record per round and tier (round, tier, beta, K, rank, task
 metrics when the round was evaluated, train loss of the tier's clients, FLOPs per

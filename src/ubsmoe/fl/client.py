@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
     from ubsmoe.data.datamodule import ClientDataModule
-    from ubsmoe.model import FederatedClassifier
+    from ubsmoe.model import FederatedModel
 
 Tensors = dict[str, torch.Tensor]
 
@@ -171,7 +171,7 @@ def make_client_specs(num_clients: int, tier_specs: list[ClientSpec]) -> list[Cl
 
 def train_client(
     fabric: Fabric,
-    module: FederatedClassifier,
+    module: FederatedModel,
     spec: ClientSpec,
     payload: ClientPayload,
     data: ClientDataModule,
@@ -299,7 +299,7 @@ def proximal_term(module: torch.nn.Module, anchor: Tensors, mu: float) -> torch.
     return 0.5 * mu * total
 
 
-def load_payload(module: FederatedClassifier, spec: ClientSpec, payload: ClientPayload) -> None:
+def load_payload(module: FederatedModel, spec: ClientSpec, payload: ClientPayload) -> None:
     """Put a client's compute shape and the server's payload into the shared module.
 
     The payload arrives on the server's device; it is moved here, once, to the module's.

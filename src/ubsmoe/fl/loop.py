@@ -1,6 +1,6 @@
 """The federated rounds on Lightning Fabric: sample, train locally, aggregate, evaluate, checkpoint.
 
-One round, as DESIGN.md section 2 lays it out:
+One round:
 
 1. the sampler picks ``clients_per_round`` clients; the strategy shapes each one's payload;
 2. the backend trains the sampled clients (``backend=local``: one after another on the one
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
     from ubsmoe.data.datamodule import FederatedData
-    from ubsmoe.model import FederatedClassifier
+    from ubsmoe.model import FederatedModel
 
 
 class FederatedLoop:
@@ -60,7 +60,7 @@ class FederatedLoop:
         self,
         *,
         fabric: Fabric,
-        module: FederatedClassifier,
+        module: FederatedModel,
         data: FederatedData,
         specs: list[ClientSpec],
         tier_specs: list[ClientSpec],

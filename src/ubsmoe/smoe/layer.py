@@ -306,7 +306,7 @@ class SparseMoE(RoutingCounters, nn.Module):
 
         sums = None
         if self.dispatch == "masked_loop":
-            # reference path: the DESIGN.md formulas literally, in autograd
+            # reference path: the formulas of docs/paper.md literally, in autograd
             y = masked_loop_experts(
                 x, routing, unit_gates(probs), self.lora, self.w1, self.b1, self.w2t, self.activation, valid
             )

@@ -242,7 +242,7 @@ class NativeSparseMoE(RoutingCounters, nn.Module):
             else:
                 logits = logits + shift
         probs = torch.softmax(logits, dim=-1)
-        # the active set is the top K among the candidates T(x) (DESIGN.md section 3): a
+        # the active set is the top K among the candidates T(x) (docs/paper.md): a
         # negative phi can push a candidate down but never let a non-candidate in
         selection = probs.detach() if candidates is None else probs.detach().masked_fill(~candidates, -1.0)
         experts = selection.topk(k, dim=-1).indices

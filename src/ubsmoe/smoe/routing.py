@@ -2,7 +2,7 @@
 
 Everything here works on one layer's router logits ``s`` of shape ``[tokens, M]`` and is
 pure torch, so the layer, the tests and the benchmark all share exactly one definition of
-the mechanism in DESIGN.md section 3:
+the mechanism of docs/paper.md:
 
 - candidates ``T(x)`` = the top ``N_p`` experts of the raw logits ``s``: ``N_p`` absolute (the
   paper's form, ``num_candidates``) or ``min(M, ceil(np_ratio * K))``, never below ``K``;

@@ -1,6 +1,6 @@
 """The task interface: what a model predicts, how it is trained and how it is scored.
 
-DESIGN.md section 6: the LightningModule composes one backbone adapter
+docs/design.md: the LightningModule composes one backbone adapter
 (:mod:`ubsmoe.backbones`) and one :class:`Task`. The task owns the head (if any), the loss,
 the batch format and the evaluation; the federated loop calls only :meth:`Task.evaluate`
 and reads the returned metrics and main metric, so GLUE classification and per-benchmark

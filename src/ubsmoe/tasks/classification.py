@@ -1,4 +1,4 @@
-"""GLUE classification / regression on the pooled hidden states of an encoder (DESIGN.md section 3).
+"""GLUE classification / regression on the pooled hidden states of an encoder (docs/paper.md).
 
 The behaviour the framework always had, moved out of the LightningModule: a linear head on
 the attention-masked mean (``model.pooling: mean``) or the first token (``cls``) of the last

@@ -1,4 +1,4 @@
-"""Instruction tuning of a causal LM, evaluated per commonsense benchmark (DESIGN.md section 6).
+"""Instruction tuning of a causal LM, evaluated per commonsense benchmark (docs/design.md).
 
 Batch format: :mod:`ubsmoe.data.instruction_format` (the Alpaca prompt, loss on the response
 tokens only; training batches right-padded, evaluation prompts left-padded).

@@ -5,7 +5,7 @@ LoRA tensors (leading dim = expert) use activation-aware weights f_{c,i}^t * n_c
 f_{c,i} is the share of client c's tokens that expert i received (FLAME; t = 0 is plain
 FedAvg). PG default outputs D_i are averaged with the clients' activation counts a_{c,i},
 so a weak client receives defaults for experts it never runs. phi is averaged here
-(phi_bar); the DMR callback then applies the server update of DESIGN.md section 3.
+(phi_bar); the DMR callback then applies the server update of docs/paper.md (DMR).
 
 FLAME's per-tier output scales (``*.tier_scale``, one entry per tier) are averaged entry by
 entry over the clients of that entry's tier only (weights n_c among them); an entry whose
