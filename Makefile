@@ -28,8 +28,10 @@ train: $(STAMP) ## the default experiment: python src/train.py experiment=glue_h
 smoke: $(STAMP) ## the same path on a small budget (experiment=smoke; 66 s measured, docs/performance.md)
 	$(PY) src/train.py experiment=smoke $(ARGS)
 
-test: $(STAMP) ## the whole test suite (offline; uses the carried data/)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest $(ARGS)
+# Test processes (pytest-xdist); each gets cores / TEST_WORKERS torch threads (tests/conftest.py).
+TEST_WORKERS ?= 2
+test: $(STAMP) ## the whole test suite (offline; uses the carried data/), on TEST_WORKERS processes
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 bench: $(STAMP) ## six speed, overhead, memory and quality benchmarks, JSON into logs/bench/ (docs/performance.md)
 	$(PY) benchmarks/smoe_speed.py

@@ -1,4 +1,12 @@
-"""Shared test set-up: offline everything, the local GLUE copy, and the real smoke runs."""
+"""Shared test set-up: offline everything, the local GLUE copy, the real smoke runs, parallel workers.
+
+``make test`` runs the suite on ``TEST_WORKERS`` pytest-xdist workers (``--dist loadgroup``).
+Each worker, and every process a test starts, gets an equal share of the cores as torch
+threads: two processes with two threads each on two cores run several times slower than
+one. A test module is one scheduling group (its module fixtures are built once), with two
+exceptions: every test that uses the session's smoke runs is in one group (they are trained
+once), and the Flower modules are one group (one Ray cluster or SuperLink at a time).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +22,31 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)  # inherited by the runs tests start as subprocesses
+    import torch
+
+    torch.set_num_threads(_threads)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _DEFAULT_GLUE = PROJECT_ROOT / "data" / "glue"  # the copy the repository carries
+
+# Modules that form one scheduling group (the others: one group per module).
+FLOWER_MODULES = ("test_flower.py", "test_flower_deploy.py", "test_flower_ray.py", "test_flower_security.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every test its xdist group: the smoke runs' users, the Flower modules, else its module."""
+    for item in items:
+        module = item.path.name
+        if "smoke_runs" in getattr(item, "fixturenames", ()):
+            group = "smoke_runs"
+        elif module in FLOWER_MODULES:
+            group = "flower"
+        else:
+            group = module
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

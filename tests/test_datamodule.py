@@ -134,12 +134,15 @@ def test_train_dataloader_reshuffles_each_epoch(sst2):
     assert ids_a != ids_b
 
 
-def test_eval_loader_is_the_first_examples_in_order(sst2):
-    loader = sst2.eval_loaders["validation"]
-    labels = torch.cat([b["labels"] for b in loader])
-    expected = pd.read_parquet(f"{GLUE_DIR}/sst2/validation.parquet")["label"].to_numpy()[:200]
-    assert labels.tolist() == expected.tolist()
-    assert torch.cat([b["labels"] for b in loader]).tolist() == labels.tolist()  # not shuffled
+def test_eval_loader_is_the_first_examples_in_order(sst2, tokenizer_path, cache_dir):
+    """The first N examples: in the file's order unsorted, the same examples sorted; never shuffled."""
+    expected = pd.read_parquet(f"{GLUE_DIR}/sst2/validation.parquet")["label"].to_numpy()[:200].tolist()
+    unsorted = build_federated_data(**make_args(tokenizer_path, cache_dir, eval_sort_by_length=False))
+    for data, in_file_order in ((unsorted, True), (sst2, False)):
+        loader = data.eval_loaders["validation"]
+        labels = torch.cat([b["labels"] for b in loader]).tolist()
+        assert labels == expected if in_file_order else sorted(labels) == sorted(expected)
+        assert torch.cat([b["labels"] for b in loader]).tolist() == labels  # not shuffled
 
 
 def test_same_seed_rebuilds_the_same_federation_from_the_cache(sst2, tokenizer_path, cache_dir):
@@ -228,3 +231,25 @@ def test_label_entropy():
     entropy = label_entropy(np.array([[5, 5], [10, 0], [0, 0], [1, 3]]))
     expected_last = -(0.25 * np.log2(0.25) + 0.75 * np.log2(0.75))
     assert np.allclose(entropy, [1.0, 0.0, 0.0, expected_last])
+
+
+def test_evaluation_batches_come_longest_first_and_cover_every_example(sst2, tokenizer_path, cache_dir):
+    """Sorted: lengths never grow, fewer padded positions, the same examples; unsorted: the file's order."""
+
+    def examples(data):
+        rows = []
+        for batch in data.eval_loaders["validation"]:
+            for ids, mask, label in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+                rows.append((tuple(ids[mask.bool()].tolist()), int(label)))
+        return rows
+
+    def padded_positions(data):
+        return sum(b["input_ids"].numel() for b in data.eval_loaders["validation"])
+
+    unsorted = build_federated_data(**make_args(tokenizer_path, cache_dir, eval_sort_by_length=False))
+    lengths = [len(ids) for ids, _ in examples(sst2)]
+    assert lengths == sorted(lengths, reverse=True)
+    assert sorted(examples(sst2)) == sorted(examples(unsorted))
+    in_file_order = [len(ids) for ids, _ in examples(unsorted)]
+    assert in_file_order != sorted(in_file_order, reverse=True)
+    assert padded_positions(sst2) < 0.8 * padded_positions(unsorted)

@@ -247,6 +247,8 @@ def test_timings_record_each_tiers_training_cost(tmp_path: Path) -> None:
         summary = loop.run_round(bar, bar.add_task("clients", total=3), time.perf_counter())
     record = json.loads((tmp_path / "timings.jsonl").read_text().splitlines()[0])
     assert set(record["tiers"]) == {t.name for t in TIERS}
+    assert "setup_seconds" not in record  # a loop built without its setup's cost records none
+    assert sum(record["phases"].values()) == pytest.approx(record["round_seconds"], abs=1e-3)
     for index, tier in enumerate(TIERS):
         cost = record["tiers"][tier.name]
         members = [u for u in summary.updates if u.spec.tier_index == index]

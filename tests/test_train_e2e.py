@@ -67,14 +67,67 @@ def test_smoke_cli_writes_every_tier_and_wandb_histograms(smoke_runs: dict[str, 
 
 
 def test_timings_measure_each_tiers_local_training(smoke_runs: dict[str, Path]) -> None:
-    """Every round records each tier's steps and seconds per step; peak memory is null off CUDA."""
-    for record in read_jsonl(smoke_runs["ubsmoe"] / "timings.jsonl"):
+    """Every round records each tier's steps and seconds per step; peak memory is null off CUDA.
+
+    The phases split the round's wall time exactly, evaluation costs time only in the rounds
+    that evaluate, and the process's setup (data, model with its MoEfication) is recorded once.
+    """
+    records = read_jsonl(smoke_runs["ubsmoe"] / "timings.jsonl")
+    evaluated = {r["round"] for r in read_jsonl(smoke_runs["ubsmoe"] / "metrics.jsonl") if r["evaluated"]}
+    assert [("setup_seconds" in r) for r in records] == [True] + [False] * (len(records) - 1)
+    assert set(records[0]["setup_seconds"]) == {"data", "model", "engine"}
+    assert records[0]["setup_seconds"]["model"] > 0
+    for record in records:
+        phases = record["phases"]
+        assert list(phases) == ["clients", "aggregate", "evaluate", "round_end_callbacks", "checkpoint", "other"]
+        assert sum(phases.values()) == pytest.approx(record["round_seconds"], abs=1e-3)
+        assert phases["clients"] > 0 and phases["aggregate"] > 0 and phases["checkpoint"] > 0
+        assert (phases["evaluate"] > 0) == (record["round"] in evaluated)
+        assert record["train_eval_seconds"] == pytest.approx(phases["clients"] + phases["evaluate"], abs=1e-3)
         assert list(record["tiers"]) == ["t25", "t50", "t75", "t100"]
         costs = record["tiers"].values()
         assert sum(c["clients"] for c in costs) > 0
         for cost in costs:
             assert cost["peak_memory_bytes"] is None
             assert (cost["train_seconds_per_step"] > 0) if cost["clients"] else cost["train_seconds_per_step"] is None
+
+
+@pytest.mark.parametrize(("method", "distinct"), [("fedit", 1), ("hetlora", 4)])
+def test_tiers_with_the_same_model_share_one_evaluation_with_the_same_numbers(
+    method: str, distinct: int, tmp_path: Path, glue_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dense method's four tiers receive one model: it is evaluated once, and every number is as before.
+
+    The reference run evaluates every tier on its own (payloads never compared equal).
+    """
+    from ubsmoe.fl.client import ClientPayload
+    from ubsmoe.model import FederatedModel
+
+    calls = []
+    evaluate = FederatedModel.evaluate
+    monkeypatch.setattr(FederatedModel, "evaluate", lambda self, *a: calls.append(1) or evaluate(self, *a))
+    kw = {"glue_dir": glue_dir, "cache_dir": cache_dir}
+    run(tmp_path / "shared", f"method={method}", "federation.rounds=1", **kw)
+    assert len(calls) == distinct
+    monkeypatch.setattr(ClientPayload, "same_as", lambda self, other: False)
+    run(tmp_path / "each", f"method={method}", "federation.rounds=1", **kw)
+    assert len(calls) == distinct + 4
+    shared, each = (without_time(read_jsonl(tmp_path / x / "metrics.jsonl")) for x in ("shared", "each"))
+    assert shared == each
+    if distinct == 1:
+        assert len({r["main_metric"] for r in shared}) == 1
+
+
+def test_length_sorted_evaluation_scores_as_the_file_order_does(tmp_path: Path, glue_dir: Path, cache_dir: Path) -> None:
+    """Serving evaluation examples longest first changes only the float rounding of padded products."""
+    kw = {"glue_dir": glue_dir, "cache_dir": cache_dir}
+    for name, sort in (("sorted", "true"), ("file", "false")):
+        run(tmp_path / name, "federation.rounds=1", "data.eval_batch_size=8", f"data.eval_sort_by_length={sort}", **kw)
+    by_order = [read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("sorted", "file")]
+    for a, b in zip(*by_order, strict=True):
+        assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
+        assert a["metrics"]["loss"] == pytest.approx(b["metrics"]["loss"], rel=1e-5)
+        assert a["expert_entropy"] == pytest.approx(b["expert_entropy"], rel=1e-6)
 
 
 def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path, glue_dir: Path, cache_dir: Path) -> None:

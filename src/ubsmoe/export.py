@@ -31,19 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from ubsmoe.assembly import build_data, build_module, build_run_strategy, run_tier_specs
-from ubsmoe.data.glue import TASKS, GlueTask, build_metrics, get_task
+from ubsmoe.data.glue import TASKS, GlueTask, build_metrics
 from ubsmoe.errors import ConfigError
-from ubsmoe.fl.centralized import centralize
-from ubsmoe.fl.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from ubsmoe.finished_run import FinishedRun, load_finished_run
 from ubsmoe.fl.client import load_payload
-from ubsmoe.fl.server import ServerState
 from ubsmoe.model import FederatedClassifier, resolve_backbone_path
-from ubsmoe.seeding import derive_seed
 from ubsmoe.settings import MethodSettings, ModelSettings
-from ubsmoe.validate import validate
 
 FORMAT = "ubsmoe-export-v1"
 MANIFEST = "manifest.json"
@@ -74,45 +68,6 @@ def _settings_from_dict(cls: type, raw: dict[str, Any]) -> Any:
 
 
 # ----------------------------------------------------------------------------------- export
-@dataclass
-class _Run:
-    """The pieces of a finished run an export needs: config, module, strategy, server state."""
-
-    cfg: DictConfig
-    module: Any
-    strategy: Any
-    server: Any
-    tier_specs: list[Any]
-    task: Any
-    init_seed: int
-
-
-def _load_run(run_dir: Path) -> _Run:
-    config_file = run_dir / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        raise ConfigError("run_dir", str(run_dir), f"a run directory with {config_file.relative_to(run_dir)}")
-    cfg = OmegaConf.load(config_file)
-    assert isinstance(cfg, DictConfig)
-    checkpoint_path = run_dir / CHECKPOINT_FILE
-    if not checkpoint_path.is_file():
-        raise ConfigError("run_dir", str(run_dir), f"a run directory with a checkpoint ({CHECKPOINT_FILE})")
-    if OmegaConf.select(cfg, "data.kind", default="glue") != "glue":
-        raise ConfigError("run_dir", str(run_dir), "a GLUE-kind run (data.kind=glue or your own data): exporting "
-                          "instruction-tuned decoders is not built yet")  # fmt: skip
-    # Built exactly as the run built it (a data-driven MoEfication reads the same training
-    # text, or its cached result); a centralized run names only its own tier.
-    cfg, tiers = centralize(cfg, validate(cfg))
-    data = build_data(cfg, tiers)
-    task = get_task(cfg.data.task)
-    module = build_module(cfg, tiers, data)
-    strategy = build_run_strategy(cfg, module)
-    init_seed = derive_seed(cfg.seed, "init")
-    state = load_checkpoint(checkpoint_path)
-    strategy.load_state_dict(state["strategy"])
-    tier_specs = run_tier_specs(tiers, module)
-    return _Run(cfg, module, strategy, ServerState.from_state_dict(state["server"]), tier_specs, task, init_seed)
-
-
 def _peft_adapter(module: Any, state: dict[str, torch.Tensor], out: Path) -> bool:
     """Write the attention LoRA of ``state`` as a peft adapter directory; False when there is none."""
     from peft import LoraConfig
@@ -137,7 +92,7 @@ def _peft_adapter(module: Any, state: dict[str, torch.Tensor], out: Path) -> boo
     return True
 
 
-def export_tier(run: _Run, tier_index: int, out: Path) -> Path:
+def export_tier(run: FinishedRun, tier_index: int, out: Path) -> Path:
     """Write one tier's model into ``out`` (created); returns ``out``."""
     from safetensors.torch import save_file
 
@@ -183,7 +138,7 @@ def export_tier(run: _Run, tier_index: int, out: Path) -> Path:
 def export_run(run_dir: str | Path, out: str | Path | None = None, tiers: list[str] | None = None) -> list[Path]:
     """Export the named tiers (default: all) of a finished run into ``out/<tier>`` (default ``RUN_DIR/export``)."""
     run_dir = Path(run_dir)
-    run = _load_run(run_dir)
+    run = load_finished_run(run_dir)
     names = [s.tier.name for s in run.tier_specs]
     wanted = tiers or names
     unknown = [t for t in wanted if t not in names]

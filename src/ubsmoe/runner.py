@@ -8,8 +8,10 @@ and training starts.
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +108,6 @@ def record_overrides(output_dir: Path) -> None:
 
     if not HydraConfig.initialized():
         return
-    import json
-    import time
-
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "overrides": list(HydraConfig.get().overrides.task)}
     with (output_dir / "overrides_history.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -141,7 +140,9 @@ def run_experiment(cfg: DictConfig, backend: ClientBackend | None = None) -> flo
         from ubsmoe.apps.flower_client import make_client_app
 
         backend.client_app_factory = make_client_app
+    data_start = time.perf_counter()
     data = kind.data(cfg, model_cfg)
+    data_seconds = time.perf_counter() - data_start
     output_dir.mkdir(parents=True, exist_ok=True)
     console.log_to(output_dir / "train.log")
     record_overrides(output_dir)
@@ -152,7 +153,10 @@ def run_experiment(cfg: DictConfig, backend: ClientBackend | None = None) -> flo
         return None
     run_backend = backend
     return run_backend.launch(
-        cfg, lambda: _train(cfg, tiers, data, output_dir, fingerprint, checkpoint, resume_path, run_backend, console)
+        cfg,
+        lambda: _train(
+            cfg, tiers, data, output_dir, fingerprint, checkpoint, resume_path, run_backend, console, data_seconds
+        ),
     )
 
 
@@ -166,14 +170,21 @@ def _train(
     resume_path: Path | None,
     backend: ClientBackend,
     console: RunConsole,
+    data_seconds: float,
 ) -> float | None:
-    """Build the module, Fabric and loop, and run the rounds (inside the backend's host)."""
+    """Build the module, Fabric and loop, and run the rounds (inside the backend's host).
+
+    What building costs (the data, the model with its MoEfication, the rest) goes into the
+    first timing record this process writes.
+    """
     import lightning as L
 
     model_cfg, method_cfg = model_settings(cfg), method_settings(cfg)
     if cfg.fabric.num_threads:
         torch.set_num_threads(int(cfg.fabric.num_threads))
+    module_start = time.perf_counter()
     module = build_module(cfg, tiers, data)
+    module_seconds = time.perf_counter() - module_start
     aggregation = build_aggregation(cfg)
     callbacks = build_callbacks(cfg, module, output_dir, console, aggregation)
     fabric = L.Fabric(
@@ -215,6 +226,11 @@ def _train(
         prox_mu=float(cfg.federation.prox_mu),
         server_device=server_device(server_settings(cfg).device),
         aggregation=aggregation,
+        setup_seconds={
+            "data": data_seconds,
+            "model": module_seconds,
+            "engine": time.perf_counter() - module_start - module_seconds,
+        },
     )
     if checkpoint is not None:
         loop.load_state_dict(checkpoint)

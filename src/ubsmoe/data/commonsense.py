@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from ubsmoe.data.datamodule import ClientDataModule, FederatedData
 from ubsmoe.data.instruction_format import collate_left, collate_right, encode_train, pad_id_of, prompt_ids
@@ -346,8 +345,8 @@ def build_commonsense_data(
             }
             for i, r in enumerate(rows)
         ]
-        eval_loaders[bench.name] = DataLoader(
-            items, batch_size=loader.eval_batch_size, shuffle=False, collate_fn=partial(collate_left, pad_id=pad_id)
+        eval_loaders[bench.name] = loader.eval_loader(
+            items, [len(item["input_ids"]) for item in items], partial(collate_left, pad_id=pad_id)
         )
     return FederatedData(
         task=CommonsenseSpec(),

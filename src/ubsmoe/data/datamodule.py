@@ -254,9 +254,7 @@ def build_federated_data(
         if loader.max_eval_examples is not None and loader.max_eval_examples < ds.num_rows:
             ds = ds.select(range(loader.max_eval_examples))
         tokenized = glue.tokenize_split(ds, spec, tokenizer, max_length, loader.cache_dir, split)
-        eval_loaders[split] = DataLoader(
-            tokenized, batch_size=loader.eval_batch_size, shuffle=False, collate_fn=collator, num_workers=0
-        )
+        eval_loaders[split] = loader.eval_loader(tokenized, [len(ids) for ids in tokenized["input_ids"]], collator)
 
     return FederatedData(
         task=spec,

@@ -59,6 +59,20 @@ class ClientPayload:
     def num_bytes(self) -> int:
         return tensor_bytes(self.state) + tensor_bytes(self.pg_defaults) + tensor_bytes(self.base_deltas)
 
+    def same_as(self, other: ClientPayload) -> bool:
+        """Whether ``other`` carries exactly the same tensors (names, shapes, dtypes, values)."""
+
+        def same(a: Tensors, b: Tensors) -> bool:
+            return a.keys() == b.keys() and all(
+                a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
+            )
+
+        return (
+            same(self.state, other.state)
+            and same(self.pg_defaults, other.pg_defaults)
+            and same(self.base_deltas, other.base_deltas)
+        )
+
     def to(self, device: torch.device | str) -> ClientPayload:
         """The payload with every tensor on ``device`` (where the client loads it)."""
         return replace(

@@ -38,7 +38,7 @@ from ubsmoe.errors import ConfigError
 from ubsmoe.fl.backends import ClientBackend, ClientJob, ClientResult, LocalBackend
 from ubsmoe.fl.checkpoint import CHECKPOINT_DIR, CheckpointStore, SignalGuard, pause_for_test
 from ubsmoe.fl.aggregation import ServerAggregation
-from ubsmoe.fl.client import ClientSpec, ClientUpdate, load_payload
+from ubsmoe.fl.client import ClientPayload, ClientSpec, ClientUpdate, load_payload
 from ubsmoe.fl.faults import DroppedClient, FaultLog, FaultPolicy, poisoned_records
 from ubsmoe.fl.server import ClientSampler, ServerState, owning_layer
 from ubsmoe.fl.server_optim import ServerOptimizer
@@ -51,6 +51,11 @@ if TYPE_CHECKING:
 
     from ubsmoe.data.datamodule import FederatedData
     from ubsmoe.model import FederatedModel
+
+# The parts of a round timings.jsonl times (``other`` is the remainder): local training of
+# the sampled clients, aggregation with the server optimizer and DMR, evaluation of every
+# tier, the on_round_end callbacks (metrics files, console, loggers, diagnostics), checkpoint.
+ROUND_PHASES = ("clients", "aggregate", "evaluate", "round_end_callbacks", "checkpoint")
 
 
 class FederatedLoop:
@@ -83,6 +88,7 @@ class FederatedLoop:
         prox_mu: float = 0.0,
         server_device: torch.device | str = "cpu",
         aggregation: ServerAggregation | None = None,
+        setup_seconds: dict[str, float] | None = None,
     ) -> None:
         self.fabric = fabric
         self.module = module
@@ -121,6 +127,9 @@ class FederatedLoop:
         self.dense_flops_per_example = self._dense_flops()
         self._tier_flops_cache = [self._tier_flops(i) for i in range(len(self.tiers))]
         self.last_evaluation: dict[str, TierEvaluation] | None = None
+        self.evaluations_run = 0  # distinct models the last evaluation ran (tiers with the same model share one)
+        # what building the run cost this process; the first round it runs records it in timings.jsonl
+        self._setup_seconds = dict(setup_seconds or {})
 
     # ----------------------------------------------------------------------------- tiers
     def tier_spec(self, tier_index: int) -> ClientSpec:
@@ -189,6 +198,7 @@ class FederatedLoop:
 
     def run_round(self, bar: Progress, clients_task: Any, start: float) -> RoundSummary:
         round_start = time.perf_counter()
+        phases = dict.fromkeys(ROUND_PHASES, 0.0)
         round_idx = self.server.round  # 0-based index of the round being run
         client_ids = self.sampler.sample()
         bar.reset(clients_task, total=len(client_ids))
@@ -198,7 +208,7 @@ class FederatedLoop:
             jobs.append(ClientJob(spec, self.strategy.configure_client(self.server, spec), round_idx))
         t0 = time.perf_counter()
         results = self.receive(self.backend.train_clients(jobs, on_done=lambda _result: bar.advance(clients_task)))
-        busy = time.perf_counter() - t0
+        busy = phases["clients"] = time.perf_counter() - t0
         pause_for_test("round", round_idx + 1, self.output_dir / f"paused-round-{round_idx + 1}")
         updates, dropped = screen_results(
             jobs, results, round_number=round_idx + 1, max_update_norm=self.faults.max_update_norm
@@ -212,18 +222,21 @@ class FederatedLoop:
         accepted = [(u.spec.client_id, u.spec.tier.name) for u in updates]
         self.fault_log.add(poisoned_records(self.faults.injection, self.seed, round_idx, accepted))
         if not skipped:
+            t0 = time.perf_counter()
             before = self.server.global_state
             # the strategy's aggregation, with the robust rule / DP mechanism; sets the utilization too
             averaged = self.aggregation.aggregate(self.strategy, self.server, updates, payloads)
             self.server_optimizer.step(before, self.server)
             self.fabric.call("on_aggregate_end", loop=self, round_idx=round_idx, updates=averaged)
+            phases["aggregate"] = time.perf_counter() - t0
         self.server.round = round_idx + 1
 
         evaluation = None
         if self.server.round % self.eval_every == 0 or self.server.round == self.rounds:
             t0 = time.perf_counter()
             evaluation = self.evaluate()
-            busy += time.perf_counter() - t0
+            phases["evaluate"] = time.perf_counter() - t0
+            busy += phases["evaluate"]
             self.last_evaluation = evaluation
         summary = RoundSummary(
             round=self.server.round,
@@ -239,8 +252,11 @@ class FederatedLoop:
             skipped=skipped,
             broadcast_bytes=self.strategy.broadcast_bytes(self.server),
         )
+        t0 = time.perf_counter()
         self.fabric.call("on_round_end", loop=self, summary=summary)
+        phases["round_end_callbacks"] = time.perf_counter() - t0
         if self.checkpoint:
+            t0 = time.perf_counter()
             state = self.state_dict(summary.wall_time)
             guard = getattr(self, "_guard", None)
             if guard is not None:
@@ -248,7 +264,8 @@ class FederatedLoop:
                     self.last_checkpoint = self.checkpoints.save(state, self.server.round)
             else:
                 self.last_checkpoint = self.checkpoints.save(state, self.server.round)
-        self._write_timing(summary, time.perf_counter() - round_start)
+            phases["checkpoint"] = time.perf_counter() - t0
+        self._write_timing(summary, time.perf_counter() - round_start, phases)
         return summary
 
     def receive(self, results: list[ClientResult]) -> list[ClientResult]:
@@ -291,15 +308,25 @@ class FederatedLoop:
         if len(kept) != len(lines):
             path.write_text("".join(line + "\n" for line in kept))
 
-    def _write_timing(self, summary: RoundSummary, total: float) -> None:
-        """``timings.jsonl``: where a round's wall time went, and what each tier's local training cost."""
+    def _write_timing(self, summary: RoundSummary, total: float, phases: dict[str, float]) -> None:
+        """``timings.jsonl``: where a round's wall time went, and what each tier's local training cost.
+
+        ``phases`` splits the round (docs/outputs.md); ``other`` is what no phase covers
+        (sampling, payloads, reply validation, fault records). The first round a process
+        runs also carries ``setup_seconds``, what building the run cost that process.
+        """
+        phases = {**phases, "other": max(total - sum(phases.values()), 0.0)}
         record = {
             "round": summary.round,
             "round_seconds": round(total, 4),
             "train_eval_seconds": round(summary.train_eval_seconds, 4),
             "overhead_seconds": round(total - summary.train_eval_seconds, 4),
+            "phases": {name: round(seconds, 4) for name, seconds in phases.items()},
             "tiers": self._tier_costs(summary.updates),
         }
+        if self._setup_seconds:
+            record["setup_seconds"] = {name: round(seconds, 4) for name, seconds in self._setup_seconds.items()}
+            self._setup_seconds = {}
         with (self.output_dir / "timings.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -333,33 +360,50 @@ class FederatedLoop:
         """The global model on every evaluation split, once per tier at that tier's K / rank.
 
         What is computed on the splits (torchmetrics per batch, generation, likelihood of answer
-        words...) is the task's business (:meth:`ubsmoe.tasks.base.Task.evaluate`).
+        words...) is the task's business (:meth:`ubsmoe.tasks.base.Task.evaluate`). Tiers whose
+        clients would receive the same model (the same K and rank, the same payload tensors,
+        and no per-tier parameter such as FLAME's tier scale) share one evaluation: a dense
+        method's four tiers are one model, evaluated once, with the same numbers.
         """
         module = self.module
         module.eval()
         results: dict[str, TierEvaluation] = {}
+        done: list[tuple[tuple[Any, ...], ClientPayload, dict[str, Any]]] = []
         for tier_index, tier in enumerate(self.tiers):
             # Each tier sees the global model exactly as a client of that tier receives it.
             spec = self.tier_spec(tier_index)
-            load_payload(module, spec, self.strategy.configure_client(self.server, spec))
-            module.reset_telemetry()
-            scored = module.evaluate(self.data.eval_loaders, self.fabric)
-            metrics = scored.metrics
-            telemetry = module.telemetry()
+            payload = self.strategy.configure_client(self.server, spec)
+            shape = (spec.k, spec.rank, tier_index if module.method.tier_scale else None)
+            same = next((d for d in done if d[0] == shape and d[1].same_as(payload)), None)
+            if same is None:
+                load_payload(module, spec, payload)
+                module.reset_telemetry()
+                scored = module.evaluate(self.data.eval_loaders, self.fabric)
+                telemetry = module.telemetry()
+                record = {
+                    "metrics": scored.metrics,
+                    "main_metric": scored.main_metric,
+                    "utilization": {  # a record, kept on CPU
+                        layer: t["expert_tokens"].double().cpu() / max(float(t["tokens"]), 1.0)
+                        for layer, t in telemetry.items()
+                    },
+                    "max_load_fraction": {layer: float(t["max_load_fraction"]) for layer, t in telemetry.items()},
+                }
+                same = (shape, payload, record)
+                done.append(same)
+            record = same[2]
             results[tier.name] = TierEvaluation(
                 tier=tier.name,
                 beta=tier.beta,
                 k=spec.k,
                 rank=spec.rank,
-                metrics=metrics,
-                main_metric=scored.main_metric,
+                metrics=dict(record["metrics"]),
+                main_metric=record["main_metric"],
                 flops_per_example=self.tier_flops(tier_index),
-                utilization={
-                    layer: t["expert_tokens"].double().cpu() / max(float(t["tokens"]), 1.0)  # a record, kept on CPU
-                    for layer, t in telemetry.items()
-                },
-                max_load_fraction={layer: float(t["max_load_fraction"]) for layer, t in telemetry.items()},
+                utilization={layer: u.clone() for layer, u in record["utilization"].items()},
+                max_load_fraction=dict(record["max_load_fraction"]),
             )
+        self.evaluations_run = len(done)
         module.train()
         return results
 
