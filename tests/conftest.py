@@ -4,8 +4,9 @@
 Each worker, and every process a test starts, gets an equal share of the cores as torch
 threads: two processes with two threads each on two cores run several times slower than
 one. A test module is one scheduling group (its module fixtures are built once), with two
-exceptions: every test that uses the session's smoke runs is in one group (they are trained
-once), and the Flower modules are one group (one Ray cluster or SuperLink at a time).
+exceptions: every test that uses the ``smoke_runs`` fixture is in one group (the two smoke
+runs are trained once per worker that needs them), and the Flower modules are one group
+(one Ray cluster or SuperLink at a time).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def glue_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tokenization cache for the whole session, so tests tokenize each split once."""
+    """One tokenization cache for the whole test run, so tests tokenize each split once."""
     return tmp_path_factory.mktemp("cache")
 
 

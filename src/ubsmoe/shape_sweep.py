@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +31,7 @@ import torch
 from ubsmoe.errors import ConfigError
 from ubsmoe.finished_run import FinishedRun, load_finished_run
 from ubsmoe.fl.client import load_payload
-
-
-def _eval_lengths(run: FinishedRun) -> Counter[int]:
-    lengths: Counter[int] = Counter()
-    for loader in run.data.eval_loaders.values():
-        for batch in loader:
-            lengths.update(int(n) for n in batch["attention_mask"].sum(1).tolist())
-    return lengths
-
-
-def _mean_over(lengths: Counter[int], flops_at_length: Any) -> float:
-    return sum(count * flops_at_length(n) for n, count in lengths.items()) / max(sum(lengths.values()), 1)
+from ubsmoe.smoe.flops import mean_over_lengths, token_lengths
 
 
 def predicted_shares(run: FinishedRun, fabric: Any) -> list[float] | None:
@@ -84,8 +72,8 @@ def sweep(run: FinishedRun, tier_index: int) -> list[dict[str, Any]]:
     fabric = L.Fabric(accelerator=run.cfg.fabric.accelerator, devices=1, precision=run.cfg.fabric.precision)
     module = fabric.to_device(run.module)
     dimension, values = shapes_of(run, tier_index)
-    lengths = _eval_lengths(run)
-    dense = _mean_over(lengths, module.reference_flops_per_example)
+    lengths = token_lengths(run.data.eval_loaders)
+    dense = mean_over_lengths(lengths, module.reference_flops_per_example)
     rows = []
     module.eval()
     for value in values:
@@ -98,7 +86,7 @@ def sweep(run: FinishedRun, tier_index: int) -> list[dict[str, Any]]:
             "main_metric": scored.main_metric,
             "metrics": scored.metrics,
             "predicted_shares": predicted_shares(run, fabric),
-            "flops_ratio_to_dense": _mean_over(lengths, module.flops_per_example) / dense,
+            "flops_ratio_to_dense": mean_over_lengths(lengths, module.flops_per_example) / dense,
         })  # fmt: skip
     return rows
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +43,7 @@ from ubsmoe.fl.server_optim import ServerOptimizer
 from ubsmoe.fl.strategies.base import Strategy
 from ubsmoe.fl.summary import RoundSummary, TierEvaluation
 from ubsmoe.fl.validation import screen_results
+from ubsmoe.smoe.flops import mean_over_lengths, token_lengths
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -90,6 +89,7 @@ class FederatedLoop:
         aggregation: ServerAggregation | None = None,
         setup_seconds: dict[str, float] | None = None,
     ) -> None:
+        init_start = time.perf_counter()
         self.fabric = fabric
         self.module = module
         self.data = data
@@ -123,42 +123,32 @@ class FederatedLoop:
         ).to(self.server_device)
         self.strategy.place(self.server_device)
         self.elapsed_before = 0.0  # wall time of the rounds run before a resume
-        self.eval_lengths = self._eval_lengths()
+        self.eval_lengths = token_lengths(self.data.eval_loaders)
         self.dense_flops_per_example = self._dense_flops()
         self._tier_flops_cache = [self._tier_flops(i) for i in range(len(self.tiers))]
         self.last_evaluation: dict[str, TierEvaluation] | None = None
-        self.evaluations_run = 0  # distinct models the last evaluation ran (tiers with the same model share one)
-        # what building the run cost this process; the first round it runs records it in timings.jsonl
+        # what building the run cost this process, this loop's construction counted as engine;
+        # the first round it runs records it in timings.jsonl
         self._setup_seconds = dict(setup_seconds or {})
+        if self._setup_seconds:
+            engine = self._setup_seconds.get("engine", 0.0) + time.perf_counter() - init_start
+            self._setup_seconds["engine"] = engine
 
     # ----------------------------------------------------------------------------- tiers
     def tier_spec(self, tier_index: int) -> ClientSpec:
         """The compute shape (K_c or rank) of a tier."""
         return self.tier_specs[tier_index]
 
-    def _eval_lengths(self) -> Counter[int]:
-        """Token counts of the evaluation examples, for the per-example FLOPs of each tier."""
-        lengths: Counter[int] = Counter()
-        for loader in self.data.eval_loaders.values():
-            for batch in loader:
-                lengths.update(int(n) for n in batch["attention_mask"].sum(1).tolist())
-        return lengths
-
-    def _mean_flops(self, flops_at_length: Callable[[int], float]) -> float:
-        """Mean of ``flops_at_length(L)`` over the evaluation examples' token counts L."""
-        total = sum(count * flops_at_length(length) for length, count in self.eval_lengths.items())
-        return total / max(sum(self.eval_lengths.values()), 1)
-
     def _dense_flops(self) -> float:
         """Forward FLOPs per evaluation example of the reference model with full-rank LoRA (the backbone
         adapter's reference: the dense FFN for moefy, the model at its configured top-k for native)."""
-        return self._mean_flops(self.module.reference_flops_per_example)
+        return mean_over_lengths(self.eval_lengths, self.module.reference_flops_per_example)
 
     def _tier_flops(self, tier_index: int) -> float:
         """Forward FLOPs per evaluation example at the tier's K / rank (analytic)."""
         spec = self.tier_spec(tier_index)
         self.module.set_client(k=spec.k, rank=spec.rank, tier_index=tier_index)
-        return self._mean_flops(self.module.flops_per_example)
+        return mean_over_lengths(self.eval_lengths, self.module.flops_per_example)
 
     def tier_flops(self, tier_index: int) -> float:
         """Mean forward FLOPs per evaluation example of a tier (fixed for the run: computed once)."""
@@ -368,42 +358,39 @@ class FederatedLoop:
         module = self.module
         module.eval()
         results: dict[str, TierEvaluation] = {}
-        done: list[tuple[tuple[Any, ...], ClientPayload, dict[str, Any]]] = []
+        evaluated: list[tuple[tuple[Any, ...], ClientPayload, TierEvaluation]] = []
         for tier_index, tier in enumerate(self.tiers):
             # Each tier sees the global model exactly as a client of that tier receives it.
             spec = self.tier_spec(tier_index)
             payload = self.strategy.configure_client(self.server, spec)
             shape = (spec.k, spec.rank, tier_index if module.method.tier_scale else None)
-            same = next((d for d in done if d[0] == shape and d[1].same_as(payload)), None)
-            if same is None:
-                load_payload(module, spec, payload)
-                module.reset_telemetry()
-                scored = module.evaluate(self.data.eval_loaders, self.fabric)
-                telemetry = module.telemetry()
-                record = {
-                    "metrics": scored.metrics,
-                    "main_metric": scored.main_metric,
-                    "utilization": {  # a record, kept on CPU
-                        layer: t["expert_tokens"].double().cpu() / max(float(t["tokens"]), 1.0)
-                        for layer, t in telemetry.items()
-                    },
-                    "max_load_fraction": {layer: float(t["max_load_fraction"]) for layer, t in telemetry.items()},
-                }
-                same = (shape, payload, record)
-                done.append(same)
-            record = same[2]
+            same = next((ev for key, sent, ev in evaluated if key == shape and sent.same_as(payload)), None)
+            if same is not None:
+                results[tier.name] = replace(
+                    same, tier=tier.name, beta=tier.beta, metrics=dict(same.metrics),
+                    utilization={layer: u.clone() for layer, u in same.utilization.items()},
+                    max_load_fraction=dict(same.max_load_fraction),
+                )  # fmt: skip
+                continue
+            load_payload(module, spec, payload)
+            module.reset_telemetry()
+            scored = module.evaluate(self.data.eval_loaders, self.fabric)
+            telemetry = module.telemetry()
             results[tier.name] = TierEvaluation(
                 tier=tier.name,
                 beta=tier.beta,
                 k=spec.k,
                 rank=spec.rank,
-                metrics=dict(record["metrics"]),
-                main_metric=record["main_metric"],
+                metrics=scored.metrics,
+                main_metric=scored.main_metric,
                 flops_per_example=self.tier_flops(tier_index),
-                utilization={layer: u.clone() for layer, u in record["utilization"].items()},
-                max_load_fraction=dict(record["max_load_fraction"]),
+                utilization={
+                    layer: t["expert_tokens"].double().cpu() / max(float(t["tokens"]), 1.0)  # a record, kept on CPU
+                    for layer, t in telemetry.items()
+                },
+                max_load_fraction={layer: float(t["max_load_fraction"]) for layer, t in telemetry.items()},
             )
-        self.evaluations_run = len(done)
+            evaluated.append((shape, payload, results[tier.name]))
         module.train()
         return results
 

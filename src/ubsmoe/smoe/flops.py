@@ -10,11 +10,28 @@ The PG router signal is a training-only term whose value is zero; it is not coun
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def token_lengths(loaders: Mapping[str, Iterable[Mapping[str, Any]]]) -> Counter[int]:
+    """Token counts (attention mask sums) of every example the evaluation loaders serve."""
+    lengths: Counter[int] = Counter()
+    for loader in loaders.values():
+        for batch in loader:
+            lengths.update(int(n) for n in batch["attention_mask"].sum(1).tolist())
+    return lengths
+
+
+def mean_over_lengths(lengths: Counter[int], flops_at_length: Callable[[int], float]) -> float:
+    """Mean of ``flops_at_length(L)`` over examples with token counts ``lengths``: per-example FLOPs of a set."""
+    total = sum(count * flops_at_length(length) for length, count in lengths.items())
+    return total / max(sum(lengths.values()), 1)
 
 
 @dataclass(frozen=True)
