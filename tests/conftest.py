@@ -5,8 +5,9 @@ Each worker, and every process a test starts, gets an equal share of the cores a
 threads: two processes with two threads each on two cores run several times slower than
 one. A test module is one scheduling group (its module fixtures are built once), with two
 exceptions: every test that uses the ``smoke_runs`` fixture is in one group (the two smoke
-runs are trained once per worker that needs them), and the Flower modules are one group
-(one Ray cluster or SuperLink at a time).
+runs are trained once per worker that needs them), and the Flower modules that start a Ray
+cluster or a SuperLink are one group (one at a time); ``test_flower.py`` runs Flower in
+process and is a group of its own.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _DEFAULT_GLUE = PROJECT_ROOT / "data" / "glue"  # the copy the repository carries
 
-# Modules that form one scheduling group (the others: one group per module).
-FLOWER_MODULES = ("test_flower.py", "test_flower_deploy.py", "test_flower_ray.py", "test_flower_security.py")
+# Modules that open ports and form one scheduling group (the others: one group per module).
+FLOWER_MODULES = ("test_flower_deploy.py", "test_flower_ray.py", "test_flower_security.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Give every test its xdist group: the smoke runs' users, the Flower modules, else its module."""
+    """Give every test its xdist group: the smoke runs' users, the networked Flower modules, else its module."""
     for item in items:
         module = item.path.name
         if "smoke_runs" in getattr(item, "fixturenames", ()):

@@ -37,6 +37,8 @@ def test_default_experiment_is_valid() -> None:
         ("logger.mode=cloud", "logger.mode"),
         ("resume=/no/such/checkpoint.ckpt", "resume"),
         ("seed=-1", "seed"),
+        ("data.train_length_window=-1", "data.train_length_window"),
+        ("data.train_length_window=true", "data.train_length_window"),
     ],
 )
 def test_bad_values_name_their_key(override: str, key: str) -> None:

@@ -17,7 +17,7 @@ import torch
 from helpers import grouped_data_args
 from rich.console import Console
 
-from ubsmoe.data.datamodule import build_federated_data
+from ubsmoe.data.datamodule import build_federated_data, length_grouped_batches
 from ubsmoe.data.report import label_entropy, partition_report
 from ubsmoe.errors import ConfigError
 
@@ -253,3 +253,38 @@ def test_evaluation_batches_come_longest_first_and_cover_every_example(sst2, tok
     in_file_order = [len(ids) for ids, _ in examples(unsorted)]
     assert in_file_order != sorted(in_file_order, reverse=True)
     assert padded_positions(sst2) < 0.8 * padded_positions(unsorted)
+
+
+@pytest.mark.parametrize(("n", "batch_size", "window"), [(200, 32, 4), (37, 8, 2), (10, 16, 3), (64, 8, 100)])
+def test_length_grouped_batches_serve_each_index_once_in_unmixed_windows(n, batch_size, window):
+    lengths = torch.randint(3, 60, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(1)).tolist()
+    batches = length_grouped_batches(order, lengths, batch_size, window, torch.Generator().manual_seed(2))
+    assert sorted(i for b in batches for i in b) == list(range(n))
+    assert sum(len(b) < batch_size for b in batches) <= 1  # only the epoch's last window can end short
+    span = batch_size * window
+    for start in range(0, n, span):
+        window_members = set(order[start : start + span])
+        own = [b for b in batches if set(b) <= window_members]
+        assert sum(len(b) for b in own) == len(window_members)  # no batch mixes two windows
+        ranges = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in own)
+        assert all(lo_next >= hi for (_, hi), (lo_next, _) in zip(ranges, ranges[1:]))  # length bands do not overlap
+    again = length_grouped_batches(order, lengths, batch_size, window, torch.Generator().manual_seed(2))
+    assert again == batches
+
+
+def test_length_grouped_training_serves_the_same_examples_with_less_padding(sst2, tokenizer_path, cache_dir):
+    grouped = build_federated_data(**make_args(tokenizer_path, cache_dir, train_length_window=4))
+
+    def epoch(client):
+        rows, padded = [], 0
+        for batch in client.batches(round_idx=0, num_epochs=1):
+            padded += batch["input_ids"].numel()
+            rows += [tuple(ids[m.bool()].tolist()) for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+        return sorted(rows), padded
+
+    plain_rows, plain_padded = epoch(sst2.clients[5])
+    grouped_rows, grouped_padded = epoch(grouped.clients[5])
+    assert grouped_rows == plain_rows
+    assert grouped_padded < 0.75 * plain_padded
+    assert as_lists(grouped.clients[5].batches(2, num_steps=5)) == as_lists(grouped.clients[5].batches(2, num_steps=5))

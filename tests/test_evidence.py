@@ -1,4 +1,4 @@
-"""Issue 13's evidence machinery: the gradient-bias diagnostic, centralized bounds, `make results`."""
+"""The evidence machinery: the gradient-bias diagnostic, centralized bounds, `make results`."""
 
 from __future__ import annotations
 
@@ -168,20 +168,41 @@ def test_results_on_a_tiny_budget(tmp_path, glue_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (root / "results.csv").read_text().splitlines()
     assert len(lines) == 1 + 2 * 2 * 4  # header + methods x seeds x tiers
+    header = lines[0].split(",")
+    assert header[-2:] == ["bytes_down_per_client_round", "bytes_up_per_client_round"]
+    csv_rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
+    assert all(int(r["bytes_down_per_client_round"]) > 0 and int(r["bytes_up_per_client_round"]) > 0 for r in csv_rows)
     md = (root / "results.md").read_text()
     for tier in ("t25", "t50", "t75", "t100"):
         assert f"## tier {tier}" in md
-        assert (root / f"accuracy_vs_flops_{tier}.png").stat().st_size > 1000
-    assert "| fedit | " in md and "bootstrap interval" in md
-    overview = md.split("## tier")[0]  # the one-table summary comes first: a row per method, a column per tier
-    assert "| method | t25 | t50 | t75 | t100 |" in overview
-    rows = [line for line in overview.splitlines() if line.startswith(("| ubsmoe |", "| fedit |"))]
+    assert (root / "accuracy_vs_flops.png").stat().st_size > 1000  # one figure for every tier
+    assert "| fedit | " in md and "bootstrap interval" in md and "down / client-round (MB)" in md
+    overview = md.split("## tier")[0]  # the summaries come first: a row per method, a column per tier
+    accuracy, cost = overview.split("Cost per tier")
+    assert "| method | t25 | t50 | t75 | t100 |" in accuracy and "| method | t25 | t50 | t75 | t100 |" in cost
+    rows = [line for line in accuracy.splitlines() if line.startswith(("| ubsmoe |", "| fedit |"))]
     assert len(rows) == 2 and all(line.count(" ± ") == 4 for line in rows)
+    costs = {line.split(" | ")[0][2:]: line for line in cost.splitlines() if line.startswith(("| ubsmoe |", "| fedit |"))}
+    assert costs["fedit"].count("1.00 · ") == 4 and costs["ubsmoe"].count(" · ") == 4
+    assert float(costs["ubsmoe"].split(" | ")[1].split(" · ")[0]) < 0.6  # t25, K = 2 of 8: about half the FLOPs
     # an interrupted call is continued on the same root: finished runs are kept, not retrained
     again = subprocess.run(proc.args, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("is complete: kept") == 4 and "src/train.py" not in again.stdout
     assert (root / "results.csv").read_text().splitlines() == lines
+
+
+def test_traffic_per_client_divides_each_tiers_bytes_by_its_trained_client_rounds(tmp_path):
+    from ubsmoe.results import traffic_per_client
+
+    records = [
+        {"round": 1, "tier": "t25", "bytes_sent": 300, "bytes_received": 90, "num_clients": 3},
+        {"round": 1, "tier": "t100", "bytes_sent": 50, "bytes_received": 0, "num_clients": 0},  # broadcast only
+        {"round": 2, "tier": "t25", "bytes_sent": 100, "bytes_received": 30, "num_clients": 1},
+        {"round": 2, "tier": "t100", "bytes_sent": 250, "bytes_received": 120, "num_clients": 2},
+    ]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert traffic_per_client(tmp_path) == {"t25": (100.0, 30.0), "t100": (150.0, 60.0)}
 
 
 def test_comparison_table_shows_centralized_rows(tmp_path):

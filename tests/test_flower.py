@@ -244,7 +244,7 @@ def _run(out: Path, *overrides: str, glue_dir: Path, cache_dir: Path) -> float |
 @pytest.mark.parametrize("method", ["ubsmoe", "hetlora"])
 def test_flower_run_equals_local_run(method: str, tmp_path: Path, glue_dir: Path, cache_dir: Path) -> None:
     kw = {"glue_dir": glue_dir, "cache_dir": cache_dir}
-    common = ("experiment=smoke", "logger=none", "federation.rounds=3", f"method={method}")
+    common = (*TINY, "federation.clients_per_round=4", "federation.rounds=3", f"method={method}")
     local = _run(tmp_path / "local", *common, **kw)
     flower = _run(tmp_path / "flower", *common, "backend=flower", "backend.mode=inprocess", **kw)
     assert flower == pytest.approx(local, abs=1e-6)

@@ -288,7 +288,7 @@ def test_config_errors(tmp_path):
 
 
 def test_router_pg_defaults_travel_only_when_the_router_pg_is_on():
-    """Issue 12, item 6: the router-side PG costs L * M * h floats each way, and nothing when it is off."""
+    """The router-side PG costs L * M * h floats each way, and nothing when it is off."""
     from ubsmoe.fl.client import tensor_bytes
 
     router_on = MethodSettings()

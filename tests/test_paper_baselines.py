@@ -1,4 +1,4 @@
-"""Issue 12, baselines: per-rank LoRA scaling, FedIT's rank switch, FLoRA's downlink and init, FLoRIST."""
+"""The paper's baselines: per-rank LoRA scaling, FedIT's rank switch, FLoRA's downlink and init, FLoRIST."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 12, routing side: K_max sets the tiers' K_c, an absolute N_p fixes the candidate set."""
+"""The paper's routing: K_max sets the tiers' K_c, an absolute N_p fixes the candidate set."""
 
 from __future__ import annotations
 

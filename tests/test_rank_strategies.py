@@ -300,7 +300,7 @@ def test_flora_state_dict_round_trip_resumes_exactly() -> None:
 
 
 def test_flora_bytes_broadcast_the_stack_not_the_dense_delta() -> None:
-    """Issue 12: the stack goes to every client each round (broadcast); a payload is the rest."""
+    """The stack goes to every client each round (broadcast); a payload is the rest."""
     strategy = FLoRA(scaling=1.0, seed=2)
     server = ServerState(round=0, global_state=_state(28, dtype=torch.float32))
     _flora_round(strategy, server, (29, 30))  # stacked rank 2 + R

@@ -33,13 +33,17 @@ CENTRALIZED = "centralized"  # UB-SMoE on the pooled data, each tier trained and
 CENTRALIZED_DENSE = "centralized_dense"  # FedIT on the pooled data: the dense model
 
 
-def last_evaluation(run_dir: Path) -> list[dict]:
-    """The per-tier records of the last evaluated round of a run."""
+def run_records(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl (one per round and tier)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the run did not finish")
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    evaluated = [r for r in records if r["evaluated"]]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def last_evaluation(run_dir: Path) -> list[dict]:
+    """The per-tier records of the last evaluated round of a run."""
+    evaluated = [r for r in run_records(run_dir) if r["evaluated"]]
     last = max(r["round"] for r in evaluated)
     return [r for r in evaluated if r["round"] == last]
 

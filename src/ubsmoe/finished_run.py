@@ -26,7 +26,7 @@ from ubsmoe.validate import validate
 
 # Keys added to the config after runs were made, with the value that rebuilds such a run as
 # it ran (a saved config without the key is given this value, never the current default).
-LATER_KEYS = {"data.eval_sort_by_length": False}
+LATER_KEYS = {"data.eval_sort_by_length": False, "data.train_length_window": 0}
 
 
 @dataclass

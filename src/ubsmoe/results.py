@@ -5,13 +5,15 @@ fresh process each) into ``ROOT/runs/M/seedS`` (and, with ``--centralized``, the
 bound of every tier), then writes into ``ROOT`` (default ``logs/results/<time>``):
 
 - ``results.csv``: one row per (method, seed, tier): main metric, FLOPs per example and
-  their ratio to the dense model, at the last evaluated round;
+  their ratio to the dense model, at the last evaluated round, and the bytes sent per client
+  and round each way over the whole run (:func:`traffic_per_client`);
 - ``results.md``: per tier, each method's mean and standard deviation over seeds, and the
   paired difference of UB-SMoE against each other method on the same seeds with a
   bootstrap confidence interval (seeds resampled with replacement), marked when the
-  interval contains 0 (the difference is inside the seed noise);
-- ``accuracy_vs_flops_<tier>.png``: per tier, each method a point (mean over seeds, error
-  bar one standard deviation) at its FLOPs per example.
+  interval contains 0 (the difference is inside the seed noise); before the per-tier
+  sections, one accuracy table and one cost table (FLOPs, bytes down and up) over all tiers;
+- ``accuracy_vs_flops.png``: every method at every tier a point (mean over seeds, error bar
+  one standard deviation) at its FLOPs per example relative to the dense model.
 
 Usage: python -m ubsmoe.results [--seeds 42,43,44] [--methods a,b] [--budget compare]
        [--centralized] [--root DIR] [HYDRA_OVERRIDE ...]
@@ -33,6 +35,7 @@ from ubsmoe.compare import (
     TrainingFailed,
     last_evaluation,
     run_centralized,
+    run_records,
     train,
     train_once,
     write_csv,
@@ -53,16 +56,36 @@ def bootstrap_ci(differences: np.ndarray, *, level: float = 0.95, resamples: int
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
 
 
+def traffic_per_client(run_dir: Path) -> dict[str, tuple[float, float]]:
+    """Per tier, the bytes (down, up) of one client in one round, over every round of the run.
+
+    Down is everything the server sent to the tier (``bytes_sent``: the payloads and, for
+    FLoRA and FLoRIST, the broadcast that every client of the tier receives, sampled or
+    not), up everything its clients sent back; both are divided by the tier's trained
+    client-rounds. A run whose tier trained no client (a centralized bound) has 0 both ways.
+    """
+    sums: dict[str, list[float]] = {}
+    for r in run_records(run_dir):
+        acc = sums.setdefault(r["tier"], [0.0, 0.0, 0.0])
+        acc[0] += r.get("bytes_sent") or 0
+        acc[1] += r.get("bytes_received") or 0
+        acc[2] += r.get("num_clients") or 0
+    return {tier: (down / max(n, 1.0), up / max(n, 1.0)) for tier, (down, up, n) in sums.items()}
+
+
 def collect(run_dirs: dict[tuple[str, int], Path]) -> list[dict]:
-    """One row per (method, seed, tier) from each run's last evaluated round."""
+    """One row per (method, seed, tier) from each run's last evaluated round, with its traffic."""
     rows = []
     for (method, seed), run_dir in sorted(run_dirs.items()):
+        traffic = traffic_per_client(run_dir)
         for record in last_evaluation(run_dir):
+            down, up = traffic[record["tier"]]
             rows.append({
                 "method": method, "seed": seed, "tier": record["tier"], "beta": record["beta"], "k": record["k"],
                 "rank": record["rank"], "round": record["round"], "main_metric": record["main_metric"],
                 "flops_per_example": record["flops_per_example"],
                 "flops_ratio_to_dense": record["flops_ratio_to_dense"],
+                "bytes_down_per_client_round": round(down), "bytes_up_per_client_round": round(up),
             })  # fmt: skip
     return rows
 
@@ -88,6 +111,8 @@ def summarize(rows: list[dict], *, reference: str = REFERENCE, level: float = 0.
                 "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0, "n": int(acc.size),
                 "flops_per_example": float(flops.mean()),
                 "flops_ratio_to_dense": float(np.mean([v["flops_ratio_to_dense"] for v in values.values()])),
+                "bytes_down": float(np.mean([v.get("bytes_down_per_client_round", 0) for v in values.values()])),
+                "bytes_up": float(np.mean([v.get("bytes_up_per_client_round", 0) for v in values.values()])),
             }  # fmt: skip
         diffs = {}
         ref = by_method.get(reference, {})
@@ -125,17 +150,36 @@ def overview_lines(summary: dict, *, reference: str = REFERENCE) -> list[str]:
     return lines
 
 
+def cost_lines(summary: dict) -> list[str]:
+    """One table: a row per method, per tier its FLOPs per example relative to the dense model and
+    the megabytes (10^6 bytes) one client receives / sends in a round, means over seeds."""
+    tiers = list(summary)
+    methods = list(dict.fromkeys(m for block in summary.values() for m in block["stats"]))
+    lines = ["| method | " + " | ".join(tiers) + " |", "|---|" + "---:|" * len(tiers)]
+    for method in methods:
+        cells = []
+        for tier in tiers:
+            s = summary[tier]["stats"].get(method)
+            cells.append("-" if s is None else
+                         f"{s['flops_ratio_to_dense']:.2f} · {s['bytes_down'] / 1e6:.2f} / {s['bytes_up'] / 1e6:.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_markdown(summary: dict, path: Path, *, title: str, reference: str = REFERENCE, level: float = 0.95) -> Path:
     pct = round(level * 100)
     lines = [f"# {title}", "", f"Mean ± standard deviation over seeds; (+) / (-): {reference} is better / worse "
              f"than that method with the {pct}% paired bootstrap interval excluding 0.", "",
-             *overview_lines(summary, reference=reference), ""]  # fmt: skip
+             *overview_lines(summary, reference=reference), "",
+             "Cost per tier: forward FLOPs per example relative to the dense model · megabytes one client "
+             "receives / sends in a round (means over seeds and rounds).", "", *cost_lines(summary), ""]  # fmt: skip
     for tier, block in summary.items():
-        lines += [f"## tier {tier}", "", "| method | mean | std | seeds | FLOPs / example (G) | FLOPs vs dense |",
-                  "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [f"## tier {tier}", "", "| method | mean | std | seeds | FLOPs / example (G) | FLOPs vs dense "
+                  "| down / client-round (MB) | up / client-round (MB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for method, s in block["stats"].items():
             lines.append(f"| {method} | {s['mean']:.4f} | {s['std']:.4f} | {s['n']} | "
-                         f"{s['flops_per_example'] / 1e9:.3f} | {s['flops_ratio_to_dense']:.3f} |")  # fmt: skip
+                         f"{s['flops_per_example'] / 1e9:.3f} | {s['flops_ratio_to_dense']:.3f} | "
+                         f"{s['bytes_down'] / 1e6:.3f} | {s['bytes_up'] / 1e6:.3f} |")  # fmt: skip
         if block["differences"]:
             lines += ["", f"{reference} minus each method, paired on seeds, with a {pct}% bootstrap interval:", "",
                       "| against | difference | interval | seeds | inside the noise |", "|---|---:|---|---:|---|"]  # fmt: skip
@@ -149,30 +193,38 @@ def write_markdown(summary: dict, path: Path, *, title: str, reference: str = RE
     return path
 
 
-def accuracy_vs_flops_figure(tier: str, block: dict) -> Figure:
-    """Each method a point: FLOPs per example against the mean main metric, error bar one std."""
-    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+TIER_MARKERS = ("v", "s", "D", "o", "^", "P", "X", "*")
+
+
+def accuracy_vs_flops_figure(summary: dict) -> Figure:
+    """Every method (a colour) at every tier (a marker): FLOPs per example relative to the dense
+    model against the mean main metric, error bar one standard deviation over seeds."""
+    fig = Figure(figsize=(7.5, 5.0), layout="constrained")
     ax = fig.subplots()
-    stats = block["stats"]
-    for (method, s), color in zip(stats.items(), distinct_colors(len(stats)), strict=True):
-        ax.errorbar(s["flops_per_example"] / 1e9, s["mean"], yerr=s["std"], fmt="o", capsize=4, color=color, label=method)
-    ax.set_xlabel("forward GFLOPs per example")
+    methods = list(dict.fromkeys(m for block in summary.values() for m in block["stats"]))
+    colors = dict(zip(methods, distinct_colors(len(methods)), strict=True))
+    for (tier, block), marker in zip(summary.items(), TIER_MARKERS * len(summary)):
+        for method, s in block["stats"].items():
+            ax.errorbar(s["flops_ratio_to_dense"], s["mean"], yerr=s["std"], fmt=marker, capsize=3,
+                        color=colors[method], alpha=0.85)  # fmt: skip
+        ax.plot([], [], marker, color="0.3", linestyle="none", label=f"tier {tier}")
+    for method, color in colors.items():
+        ax.plot([], [], "o", color=color, linestyle="none", label=method)
+    ax.set_xlabel("forward FLOPs per example relative to the dense model")
     ax.set_ylabel("validation main metric (mean over seeds, +- std)")
-    ax.set_title(f"tier {tier}: accuracy against compute")
+    ax.set_title("accuracy against compute, every method and tier")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", ncols=2)
     return fig
 
 
 def analyze(run_dirs: dict[tuple[str, int], Path], root: Path, *, title: str) -> dict[str, Path]:
-    """results.csv, results.md and one accuracy-vs-FLOPs PNG per tier into ``root``."""
+    """results.csv, results.md and accuracy_vs_flops.png into ``root``."""
     rows = collect(run_dirs)
     summary = summarize(rows)
     written = {"csv": write_csv(rows, root / "results.csv"), "md": write_markdown(summary, root / "results.md", title=title)}
-    for tier, block in summary.items():
-        path = root / f"accuracy_vs_flops_{tier}.png"
-        accuracy_vs_flops_figure(tier, block).savefig(path, format="png", dpi=100)
-        written[f"png_{tier}"] = path
+    written["png"] = root / "accuracy_vs_flops.png"
+    accuracy_vs_flops_figure(summary).savefig(written["png"], format="png", dpi=100)
     return written
 
 

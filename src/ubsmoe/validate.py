@@ -218,6 +218,7 @@ def _validate_data(cfg: DictConfig, kind: str) -> None:
     require_int(cfg, "data.batch_size", 1)
     require_int(cfg, "data.eval_batch_size", 1)
     require_bool(cfg, "data.eval_sort_by_length")
+    require_int(cfg, "data.train_length_window", 0)
     for key in ("data.max_train_examples", "data.max_eval_examples"):
         if get(cfg, key) is not None:
             require_int(cfg, key, 1)

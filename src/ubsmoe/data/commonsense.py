@@ -329,7 +329,7 @@ def build_commonsense_data(
     clients = [
         ClientDataModule(
             client_id, train, indices, collate_fn=collate_train, batch_size=loader.batch_size, data_seed=data_seed,
-            label_ids=label_ids, num_classes=len(label_names),
+            label_ids=label_ids, num_classes=len(label_names), length_window=loader.train_length_window,
         )  # fmt: skip
         for client_id, indices in enumerate(parts)
     ]

@@ -29,6 +29,26 @@ from ubsmoe.errors import ConfigError
 from ubsmoe.seeding import derive_seed
 
 
+def length_grouped_batches(
+    order: list[int], lengths: list[int], batch_size: int, window: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Batches of similar length from a shuffled epoch ``order`` (``data.train_length_window``).
+
+    The order is cut into windows of ``window`` batches; each window is sorted longest first
+    (stable, so equal lengths keep their shuffled order) and cut into batches, and the epoch's
+    batches are then shuffled with ``generator``. A batch is padded to nearly its own length
+    instead of its longest random member's (SST-2 at batch 32, window 4: 21 instead of 40
+    positions for 14 real tokens), at the price of batches whose members have similar
+    lengths. Every example is served once per epoch, as without grouping.
+    """
+    batches: list[list[int]] = []
+    span = batch_size * window
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 class ClientDataModule(lightning.LightningDataModule):
     """One client's share of the training set, served in seeded, reproducible orders.
 
@@ -48,6 +68,7 @@ class ClientDataModule(lightning.LightningDataModule):
         data_seed: int,
         label_ids: np.ndarray,
         num_classes: int,
+        length_window: int = 0,
     ) -> None:
         super().__init__()
         self.client_id = int(client_id)
@@ -59,6 +80,8 @@ class ClientDataModule(lightning.LightningDataModule):
         self.num_classes = int(num_classes)
         self._label_ids = np.asarray(label_ids, dtype=np.int64)[self.indices]
         self.epoch_counter = 0
+        self.length_window = int(length_window)
+        self._lengths = [len(ids) for ids in self.dataset["input_ids"]] if self.length_window else []
 
     @property
     def num_examples(self) -> int:
@@ -71,6 +94,9 @@ class ClientDataModule(lightning.LightningDataModule):
     def _epoch_loader(self, *stream: object) -> DataLoader:
         generator = torch.Generator().manual_seed(derive_seed(self.data_seed, "client", self.client_id, *stream))
         order = torch.randperm(self.num_examples, generator=generator).tolist()
+        if self.length_window:
+            batches = length_grouped_batches(order, self._lengths, self.batch_size, self.length_window, generator)
+            return DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn, num_workers=0)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -244,6 +270,7 @@ def build_federated_data(
             data_seed=data_seed,
             label_ids=label_ids,
             num_classes=num_classes,
+            length_window=loader.train_length_window,
         )
         for client_id, indices in enumerate(parts)
     ]
@@ -265,4 +292,4 @@ def build_federated_data(
     )
 
 
-__all__ = ("ClientDataModule", "FederatedData", "build_federated_data")
+__all__ = ("ClientDataModule", "FederatedData", "build_federated_data", "length_grouped_batches")

@@ -68,7 +68,10 @@ class LoaderSpec:
     URL sources there when it is set. ``eval_sort_by_length`` serves the evaluation examples
     longest first, so a batch is padded to nearly its own length (SST-2's validation set: 1.8x
     fewer token positions at batch 128); every metric is a sum over examples, so only the
-    float rounding of padded products can differ (docs/performance.md).
+    float rounding of padded products can differ (docs/performance.md). ``train_length_window``
+    > 0 cuts each client's training batches from windows of that many batches sorted by
+    length (:func:`~ubsmoe.data.datamodule.length_grouped_batches`); 0 keeps plain shuffled
+    batches. Unlike the evaluation order, it changes what a run learns.
     """
 
     batch_size: int
@@ -77,6 +80,7 @@ class LoaderSpec:
     max_eval_examples: int | None
     cache_dir: str | None = None
     eval_sort_by_length: bool = True
+    train_length_window: int = 0
 
     @classmethod
     def from_config(cls, cfg: Any) -> LoaderSpec:
@@ -86,6 +90,7 @@ class LoaderSpec:
             batch_size=data.batch_size, eval_batch_size=data.eval_batch_size,
             max_train_examples=data.max_train_examples, max_eval_examples=data.max_eval_examples,
             cache_dir=str(cfg.paths.cache_dir), eval_sort_by_length=bool(data.eval_sort_by_length),
+            train_length_window=int(data.train_length_window),
         )  # fmt: skip
 
     def eval_loader(self, examples: Any, lengths: Sequence[int], collate_fn: Callable[[list[Any]], Any]) -> DataLoader:
