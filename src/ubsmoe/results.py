@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,9 +131,9 @@ def summarize(rows: list[dict], *, reference: str = REFERENCE, level: float = 0.
     return out
 
 
-def overview_lines(summary: dict, *, reference: str = REFERENCE) -> list[str]:
-    """One table: a row per method, per tier the mean +- std over seeds; a mark where the paired
-    interval of ``reference`` against that method excludes 0 (``+``: reference better, ``-``: worse)."""
+def tier_table(summary: dict, cell: Callable[[dict, dict | None], str]) -> list[str]:
+    """A table with a row per method and a column per tier; ``cell(stats, difference)`` writes one
+    cell from the method's stats at the tier and its paired difference (``None`` without one)."""
     tiers = list(summary)
     methods = list(dict.fromkeys(m for block in summary.values() for m in block["stats"]))
     lines = ["| method | " + " | ".join(tiers) + " |", "|---|" + "---:|" * len(tiers)]
@@ -140,37 +141,34 @@ def overview_lines(summary: dict, *, reference: str = REFERENCE) -> list[str]:
         cells = []
         for tier in tiers:
             stat = summary[tier]["stats"].get(method)
-            if stat is None:
-                cells.append("-")
-                continue
-            diff = summary[tier]["differences"].get(method)
-            mark = "" if diff is None or diff["inside_noise"] else (" (+)" if diff["mean"] > 0 else " (-)")
-            cells.append(f"{stat['mean']:.4f} ± {stat['std']:.4f}{mark}")
+            cells.append("-" if stat is None else cell(stat, summary[tier]["differences"].get(method)))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
+
+
+def overview_lines(summary: dict) -> list[str]:
+    """Per tier the mean +- std over seeds; a mark where the paired interval of the reference
+    against that method excludes 0 (``+``: reference better, ``-``: worse)."""
+
+    def cell(stat: dict, diff: dict | None) -> str:
+        mark = "" if diff is None or diff["inside_noise"] else (" (+)" if diff["mean"] > 0 else " (-)")
+        return f"{stat['mean']:.4f} ± {stat['std']:.4f}{mark}"
+
+    return tier_table(summary, cell)
 
 
 def cost_lines(summary: dict) -> list[str]:
-    """One table: a row per method, per tier its FLOPs per example relative to the dense model and
-    the megabytes (10^6 bytes) one client receives / sends in a round, means over seeds."""
-    tiers = list(summary)
-    methods = list(dict.fromkeys(m for block in summary.values() for m in block["stats"]))
-    lines = ["| method | " + " | ".join(tiers) + " |", "|---|" + "---:|" * len(tiers)]
-    for method in methods:
-        cells = []
-        for tier in tiers:
-            s = summary[tier]["stats"].get(method)
-            cells.append("-" if s is None else
-                         f"{s['flops_ratio_to_dense']:.2f} · {s['bytes_down'] / 1e6:.2f} / {s['bytes_up'] / 1e6:.2f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+    """Per tier the FLOPs per example relative to the dense model and the megabytes (10^6 bytes)
+    one client receives / sends in a round, means over seeds."""
+    return tier_table(summary, lambda s, _: f"{s['flops_ratio_to_dense']:.2f} · {s['bytes_down'] / 1e6:.2f} / "
+                      f"{s['bytes_up'] / 1e6:.2f}")  # fmt: skip
 
 
 def write_markdown(summary: dict, path: Path, *, title: str, reference: str = REFERENCE, level: float = 0.95) -> Path:
     pct = round(level * 100)
     lines = [f"# {title}", "", f"Mean ± standard deviation over seeds; (+) / (-): {reference} is better / worse "
              f"than that method with the {pct}% paired bootstrap interval excluding 0.", "",
-             *overview_lines(summary, reference=reference), "",
+             *overview_lines(summary), "",
              "Cost per tier: forward FLOPs per example relative to the dense model · megabytes one client "
              "receives / sends in a round (means over seeds and rounds).", "", *cost_lines(summary), ""]  # fmt: skip
     for tier, block in summary.items():
