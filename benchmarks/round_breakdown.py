@@ -10,6 +10,7 @@ time of their own (``tottime``), which is what says *why* a phase costs what it 
 
 Usage: python benchmarks/round_breakdown.py [--experiment compare] [--methods ubsmoe,fedit]
        [--rounds 2] [--profile] [--out logs/bench/round_breakdown.json] [override ...]
+       python benchmarks/round_breakdown.py --runs RUN_DIR [RUN_DIR ...]   (finished runs, no training)
 """
 
 from __future__ import annotations
@@ -45,8 +46,17 @@ def run_method(method: str, out_dir: Path, args: argparse.Namespace) -> dict:
     )
     if proc.returncode != 0:
         sys.exit(f"method={method} failed:\n{proc.stderr[-3000:]}")
-    process_seconds = time.perf_counter() - start
-    records = [json.loads(line) for line in (out_dir / "timings.jsonl").read_text().splitlines()]
+    result = summarize_timings(out_dir, process_seconds=time.perf_counter() - start)
+    if args.profile:
+        result["profile_top"] = top_functions(profile, 15)
+    return result
+
+
+def summarize_timings(run_dir: Path, *, process_seconds: float | None = None) -> dict:
+    """A run's timings.jsonl summed: setup, seconds per phase, evaluations, s per local step by tier."""
+    records = [json.loads(line) for line in (run_dir / "timings.jsonl").read_text().splitlines()]
+    if "setup_seconds" not in records[0]:
+        sys.exit(f"{run_dir}: timings.jsonl has no setup_seconds (a resumed run, or one older than the phases)")
     steps: dict[str, list[float]] = {}
     for record in records:
         for tier, cost in record["tiers"].items():
@@ -54,17 +64,21 @@ def run_method(method: str, out_dir: Path, args: argparse.Namespace) -> dict:
                 steps.setdefault(tier, []).append(cost["train_seconds_per_step"] * cost["steps"])
                 steps.setdefault(f"{tier}_steps", []).append(cost["steps"])
     tiers = sorted({t for t in steps if not t.endswith("_steps")}, key=lambda t: list(records[0]["tiers"]).index(t))
-    result = {
-        "process_seconds": round(process_seconds, 2),
+    return {
+        "process_seconds": None if process_seconds is None else round(process_seconds, 2),
         "setup_seconds": records[0]["setup_seconds"],
         "rounds": len(records),
+        "evaluations": sum(1 for r in records if r["phases"]["evaluate"] > 0),
         "round_seconds": [r["round_seconds"] for r in records],
         "phase_seconds": {p: round(sum(r["phases"][p] for r in records), 3) for p in PHASES},
         "train_seconds_per_step": {t: round(sum(steps[t]) / sum(steps[f"{t}_steps"]), 4) for t in tiers},
     }
-    if args.profile:
-        result["profile_top"] = top_functions(profile, 15)
-    return result
+
+
+def method_of(run_dir: Path) -> str:
+    """The method a finished run trained, from the first record of its metrics.jsonl."""
+    with (run_dir / "metrics.jsonl").open() as f:
+        return json.loads(f.readline())["method"]
 
 
 def top_functions(profile: Path, count: int) -> list[dict]:
@@ -89,7 +103,8 @@ def table(results: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, r in results.items():
         setup = "/".join(f"{r['setup_seconds'][k]:.1f}" for k in ("data", "model", "engine"))
-        phases = [f"{r['phase_seconds'][p] / (1 if p == 'evaluate' else r['rounds']):.2f}" for p in PHASES]
+        phases = [f"{r['phase_seconds'][p] / (max(r['evaluations'], 1) if p == 'evaluate' else r['rounds']):.2f}"
+                  for p in PHASES]  # fmt: skip
         per_step = [f"{r['train_seconds_per_step'].get(t, float('nan')):.3f}" for t in tiers]
         lines.append("| " + " | ".join([method, setup, *phases, *per_step]) + " |")
     return "\n".join(lines)
@@ -102,8 +117,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds per method; only the last one evaluates")
     parser.add_argument("--profile", action="store_true", help="run each child under cProfile")
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench" / "round_breakdown.json")
+    parser.add_argument("--runs", type=Path, nargs="+", default=None,
+                        help="tabulate these finished run directories instead of training (the method from each "
+                             "run's metrics.jsonl)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    if args.runs:
+        print(table({method_of(run): summarize_timings(run) for run in args.runs}))
+        return
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
