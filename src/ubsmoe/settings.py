@@ -268,6 +268,18 @@ def parse_tiers(raw: Any) -> list[Tier]:
     return tiers
 
 
+def settings_fields(cls: type, raw: Any, group: str) -> dict[str, dataclasses.Field]:
+    """The fields of the settings dataclass ``cls``, once the group ``raw`` is known to be a mapping
+    with only keys ``cls`` has (else a ConfigError naming the group or the first unknown key)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(raw, (dict, DictConfig)):
+        raise ConfigError(group, raw, f"a mapping with the keys {sorted(fields)}")
+    unknown = sorted(set(raw.keys()) - set(fields))
+    if unknown:
+        raise ConfigError(f"{group}.{unknown[0]}", raw[unknown[0]], f"a key among {sorted(fields)}")
+    return fields
+
+
 def group_settings(cls: type, raw: Any, group: str) -> Any:
     """The dataclass ``cls`` built from the config group ``raw`` (a plain mapping), nested groups included.
 
@@ -275,12 +287,7 @@ def group_settings(cls: type, raw: Any, group: str) -> Any:
     it, a missing key keeps the field's default, an integer given for a float field becomes
     a float and a list for a tuple field a tuple.
     """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if not isinstance(raw, dict):
-        raise ConfigError(group, raw, f"a mapping with the keys {sorted(fields)}")
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{group}.{unknown[0]}", raw[unknown[0]], f"a key among {sorted(fields)}")
+    settings_fields(cls, raw, group)
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for key, value in raw.items():

@@ -38,6 +38,7 @@ from ubsmoe.settings import (
     parse_tiers,
     privacy_settings,
     server_settings,
+    settings_fields,
 )
 from ubsmoe.smoe.moefy import needs_calibration
 
@@ -75,12 +76,7 @@ def validate(cfg: DictConfig) -> list[Tier]:
 def check_settings_group(cfg: DictConfig, group: str, settings: type) -> None:
     """Check a config group against its settings dataclass: known keys, types, intervals, choices (nested too)."""
     raw = get(cfg, group)
-    fields = {f.name: f for f in dataclasses.fields(settings)}
-    if not isinstance(raw, (dict, DictConfig)):
-        raise ConfigError(group, raw, f"a mapping with the keys {sorted(fields)}")
-    unknown = sorted(set(raw.keys()) - set(fields))
-    if unknown:
-        raise ConfigError(f"{group}.{unknown[0]}", raw[unknown[0]], f"a key among {sorted(fields)}")
+    fields = settings_fields(settings, raw, group)
     hints = typing.get_type_hints(settings)
     for name, f in fields.items():
         if name not in raw:
