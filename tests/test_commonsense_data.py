@@ -125,6 +125,26 @@ def test_build_partitions_over_source_and_pads_each_side() -> None:
     ]
 
 
+def test_length_grouped_instruction_batches_serve_the_same_examples_with_less_padding() -> None:
+    tok = tiny_tokenizer()
+    flat = dict(
+        tokenizer=tok, local_dir=None, train_source="local", train_benchmarks=["openbookqa"],
+        eval_benchmarks=["piqa"], hub_test_files={}, partition_by="source", max_length=1024, num_clients=2,
+        method="iid", alpha=1.0, min_client_size=4, seed=3, batch_size=4, eval_batch_size=3,
+        max_train_examples=64, max_eval_examples=3,
+    )  # fmt: skip
+    plain = build_commonsense_data(**grouped_data_args(**flat))
+    grouped = build_commonsense_data(**grouped_data_args(**flat, train_length_window=4))
+
+    def epoch(data):
+        batches = list(data.clients[0].batches(0, num_epochs=1))
+        rows = sorted(tuple(ids[m.bool()].tolist()) for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"]))
+        return rows, sum(b["input_ids"].numel() for b in batches)
+
+    (plain_rows, plain_padded), (grouped_rows, grouped_padded) = epoch(plain), epoch(grouped)
+    assert grouped_rows == plain_rows and grouped_padded < plain_padded
+
+
 def test_url_source_is_downloaded_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No network: urlopen is replaced; the second load reads the cached copy."""
     import io
