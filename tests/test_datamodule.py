@@ -288,3 +288,17 @@ def test_length_grouped_training_serves_the_same_examples_with_less_padding(sst2
     assert grouped_rows == plain_rows
     assert grouped_padded < 0.75 * plain_padded
     assert as_lists(grouped.clients[5].batches(2, num_steps=5)) == as_lists(grouped.clients[5].batches(2, num_steps=5))
+
+
+def test_without_a_length_window_batches_follow_the_seeded_shuffle_alone(sst2):
+    """Window 0 serves each epoch in exactly the seeded permutation's order (what every run before
+    length grouping drew), cut into consecutive batches."""
+    from ubsmoe.seeding import derive_seed
+
+    client = sst2.clients[2]
+    assert client.length_window == 0
+    generator = torch.Generator().manual_seed(derive_seed(client.data_seed, "client", client.client_id, "round", 4, "epoch", 0))
+    order = torch.randperm(client.num_examples, generator=generator).tolist()
+    served = [ids for b in client.batches(4, num_epochs=1) for ids in as_lists([b])[0]["input_ids"]]
+    expected = [client.dataset[i]["input_ids"] for i in order]
+    assert [ids[: len(e)] for ids, e in zip(served, expected, strict=True)] == expected
