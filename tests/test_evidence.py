@@ -154,6 +154,8 @@ def test_bootstrap_and_summary_tables():
     assert summary["stats"]["ubsmoe"]["std"] == pytest.approx(np.std([0.80, 0.82], ddof=1))
     diff = summary["differences"]["fedit"]
     assert diff["mean"] == pytest.approx(0.105) and not diff["inside_noise"] and diff["n"] == 2
+    one_seed = summarize([r for r in rows if r["seed"] == 1])["t25"]["differences"]["fedit"]
+    assert one_seed["n"] == 1 and one_seed["inside_noise"]  # a single pair is no interval: never marked
 
 
 def test_results_on_a_tiny_budget(tmp_path, glue_dir):
@@ -203,6 +205,21 @@ def test_traffic_per_client_divides_each_tiers_bytes_by_its_trained_client_round
     ]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert traffic_per_client(tmp_path) == {"t25": (100.0, 30.0), "t100": (150.0, 60.0)}
+
+
+def test_analysis_leaves_out_runs_that_have_not_finished(tmp_path, capsys):
+    from ubsmoe.compare import FINISHED
+    from ubsmoe.results import find_runs
+
+    record = {"round": 6, "tier": "t25", "evaluated": True, "main_metric": 0.7}
+    for method, seed, done in (("ubsmoe", 42, True), ("fedit", 42, True), ("fedit", 43, False)):
+        run = tmp_path / "runs" / method / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+        if done:
+            (run / FINISHED).write_text("")
+    assert sorted(find_runs(tmp_path)) == [("fedit", 42), ("ubsmoe", 42)]
+    assert "runs/fedit/seed43 has not finished: left out" in capsys.readouterr().out
 
 
 def test_comparison_table_shows_centralized_rows(tmp_path):

@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 
 from ubsmoe.compare import (
     CENTRALIZED_DENSE,
+    FINISHED,
     TrainingFailed,
     last_evaluation,
     run_centralized,
@@ -126,7 +127,8 @@ def summarize(rows: list[dict], *, reference: str = REFERENCE, level: float = 0.
             d = np.array([ref[s]["main_metric"] - by_method[method][s]["main_metric"] for s in seeds])
             low, high = bootstrap_ci(d, level=level)
             diffs[method] = {"mean": float(d.mean()), "low": low, "high": high, "n": len(seeds),
-                             "inside_noise": bool(low <= 0.0 <= high)}  # fmt: skip
+                             # one seed gives no interval: nothing can be told apart from the noise
+                             "inside_noise": len(seeds) < 2 or bool(low <= 0.0 <= high)}  # fmt: skip
         out[tier] = {"stats": stats, "differences": diffs}
     return out
 
@@ -186,7 +188,8 @@ def write_markdown(summary: dict, path: Path, *, title: str, reference: str = RE
                              f"{'yes' if d['inside_noise'] else 'no'} |")  # fmt: skip
         lines.append("")
     lines.append("A bootstrap over a handful of seeds is coarse: with 3 seeds the interval can only take a few "
-                 "distinct values; read 'no' as 'all seeds agree on the sign', not as significance.")  # fmt: skip
+                 "distinct values; read 'no' as 'all seeds agree on the sign', not as significance. One seed "
+                 "gives no interval, and no mark.")  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -227,11 +230,17 @@ def analyze(run_dirs: dict[tuple[str, int], Path], root: Path, *, title: str) ->
 
 
 def find_runs(root: Path) -> dict[tuple[str, int], Path]:
-    """The finished runs under ``root/runs/<method>/seed<S>`` (and centralized ones, merged per seed)."""
+    """The finished runs under ``root/runs/<method>/seed<S>`` (and centralized ones, merged per seed).
+
+    A run counts once its ``run.done`` marker is written; one still training, or killed, is
+    left out of the tables, and named, so that a half-finished run never enters a mean.
+    """
     found = {}
-    for metrics in sorted((root / "runs").glob("*/seed*/metrics.jsonl")):
-        run_dir = metrics.parent
-        found[(run_dir.parent.name, int(run_dir.name.removeprefix("seed")))] = run_dir
+    for run_dir in sorted(p for p in (root / "runs").glob("*/seed*") if p.is_dir()):
+        if (run_dir / FINISHED).is_file():
+            found[(run_dir.parent.name, int(run_dir.name.removeprefix("seed")))] = run_dir
+        else:
+            print(f"[results] {run_dir} has not finished: left out", flush=True)
     return found
 
 
@@ -267,10 +276,16 @@ def main(argv: list[str] | None = None) -> int:
                     target = root / "runs" / name / f"seed{seed}"
                     target.mkdir(parents=True, exist_ok=True)
                     (target / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+                    (target / FINISHED).write_text("")
     except TrainingFailed as err:
         print(f"[results] {err}", file=sys.stderr)
         return err.returncode
-    written = analyze(find_runs(root), root, title=f"Results over seeds {args.seeds} (experiment={args.budget}"
+    run_dirs = find_runs(root)
+    if not run_dirs:
+        print(f"[results] no finished run under {root / 'runs'}: nothing to tabulate", file=sys.stderr)
+        return 1
+    found_seeds = ",".join(str(s) for s in sorted({seed for _, seed in run_dirs}))
+    written = analyze(run_dirs, root, title=f"Results over seeds {found_seeds} (experiment={args.budget}"
                       + (f", {' '.join(args.overrides)}" if args.overrides else "") + ")")  # fmt: skip
     print(written["md"].read_text())
     print(f"[results] {', '.join(str(p) for p in written.values())}")
