@@ -16,7 +16,7 @@ from ubsmoe.callbacks.grad_bias import gradient_bias
 from ubsmoe.validate import validate
 from ubsmoe.errors import ConfigError
 from ubsmoe.fl.centralized import centralize
-from ubsmoe.results import bootstrap_ci, summarize
+from ubsmoe.results import bootstrap_ci, overview_lines, summarize
 
 FAST = ("model.moefy.calibration_examples=64", "data.max_eval_examples=32")
 CONTRACT = {"round", "tier", "beta", "k", "rank", "method", "task", "seed", "evaluated", "metrics", "main_metric",
@@ -156,6 +156,8 @@ def test_bootstrap_and_summary_tables():
     assert diff["mean"] == pytest.approx(0.105) and not diff["inside_noise"] and diff["n"] == 2
     one_seed = summarize([r for r in rows if r["seed"] == 1])["t25"]["differences"]["fedit"]
     assert one_seed["n"] == 1 and one_seed["inside_noise"]  # a single pair is no interval: never marked
+    one = overview_lines(summarize([r for r in rows if r["seed"] == 1]))
+    assert "| ubsmoe | 0.8000 |" in one and " ± " not in "\n".join(one)  # one seed: no spread to show
 
 
 def test_results_on_a_tiny_budget(tmp_path, glue_dir):

@@ -154,7 +154,8 @@ def overview_lines(summary: dict) -> list[str]:
 
     def cell(stat: dict, diff: dict | None) -> str:
         mark = "" if diff is None or diff["inside_noise"] else (" (+)" if diff["mean"] > 0 else " (-)")
-        return f"{stat['mean']:.4f} ± {stat['std']:.4f}{mark}"
+        spread = f" ± {stat['std']:.4f}" if stat["n"] > 1 else ""  # one seed has no spread
+        return f"{stat['mean']:.4f}{spread}{mark}"
 
     return tier_table(summary, cell)
 
@@ -177,7 +178,8 @@ def write_markdown(summary: dict, path: Path, *, title: str, reference: str = RE
         lines += [f"## tier {tier}", "", "| method | mean | std | seeds | FLOPs / example (G) | FLOPs vs dense "
                   "| down / client-round (MB) | up / client-round (MB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for method, s in block["stats"].items():
-            lines.append(f"| {method} | {s['mean']:.4f} | {s['std']:.4f} | {s['n']} | "
+            std = f"{s['std']:.4f}" if s["n"] > 1 else "-"
+            lines.append(f"| {method} | {s['mean']:.4f} | {std} | {s['n']} | "
                          f"{s['flops_per_example'] / 1e9:.3f} | {s['flops_ratio_to_dense']:.3f} | "
                          f"{s['bytes_down'] / 1e6:.3f} | {s['bytes_up'] / 1e6:.3f} |")  # fmt: skip
         if block["differences"]:
