@@ -147,7 +147,8 @@ def test_bootstrap_and_summary_tables():
     assert 0.02 <= low < high <= 0.04
     low, high = bootstrap_ci(np.array([-0.05, 0.01, 0.04]))
     assert low < 0 < high
-    rows = [{"method": m, "seed": s, "tier": "t25", "main_metric": v, "flops_per_example": 1e9, "flops_ratio_to_dense": 0.5}
+    rows = [{"method": m, "seed": s, "tier": "t25", "main_metric": v, "flops_per_example": 1e9, "flops_ratio_to_dense": 0.5,
+             "bytes_down_per_client_round": 100, "bytes_up_per_client_round": 50}
             for m, vals in (("ubsmoe", (0.80, 0.82)), ("fedit", (0.70, 0.71))) for s, v in zip((1, 2), vals)]  # fmt: skip
     summary = summarize(rows)["t25"]
     assert summary["stats"]["ubsmoe"]["mean"] == pytest.approx(0.81)
@@ -196,7 +197,7 @@ def test_results_on_a_tiny_budget(tmp_path, glue_dir):
     assert (root / "results.csv").read_text().splitlines() == lines
 
 
-def test_traffic_per_client_divides_each_tiers_bytes_by_its_trained_client_rounds(tmp_path):
+def test_traffic_per_client_divides_each_tiers_bytes_by_its_trained_client_rounds():
     from ubsmoe.results import traffic_per_client
 
     records = [
@@ -205,8 +206,7 @@ def test_traffic_per_client_divides_each_tiers_bytes_by_its_trained_client_round
         {"round": 2, "tier": "t25", "bytes_sent": 100, "bytes_received": 30, "num_clients": 1},
         {"round": 2, "tier": "t100", "bytes_sent": 250, "bytes_received": 120, "num_clients": 2},
     ]  # fmt: skip
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert traffic_per_client(tmp_path) == {"t25": (100.0, 30.0), "t100": (150.0, 60.0)}
+    assert traffic_per_client(records) == {"t25": (100.0, 30.0), "t100": (150.0, 60.0)}
 
 
 def test_analysis_leaves_out_runs_that_have_not_finished(tmp_path, capsys):

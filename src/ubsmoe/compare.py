@@ -43,7 +43,12 @@ def run_records(run_dir: Path) -> list[dict]:
 
 def last_evaluation(run_dir: Path) -> list[dict]:
     """The per-tier records of the last evaluated round of a run."""
-    evaluated = [r for r in run_records(run_dir) if r["evaluated"]]
+    return last_evaluated(run_records(run_dir))
+
+
+def last_evaluated(records: list[dict]) -> list[dict]:
+    """Of a run's records, those of its last evaluated round (one per tier)."""
+    evaluated = [r for r in records if r["evaluated"]]
     last = max(r["round"] for r in evaluated)
     return [r for r in evaluated if r["round"] == last]
 

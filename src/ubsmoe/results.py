@@ -35,6 +35,7 @@ from ubsmoe.compare import (
     CENTRALIZED_DENSE,
     FINISHED,
     TrainingFailed,
+    last_evaluated,
     last_evaluation,
     run_centralized,
     run_records,
@@ -58,7 +59,7 @@ def bootstrap_ci(differences: np.ndarray, *, level: float = 0.95, resamples: int
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
 
 
-def traffic_per_client(run_dir: Path) -> dict[str, tuple[float, float]]:
+def traffic_per_client(records: list[dict]) -> dict[str, tuple[float, float]]:
     """Per tier, the bytes (down, up) of one client in one round, over every round of the run.
 
     Down is everything the server sent to the tier (``bytes_sent``: the payloads and, for
@@ -67,7 +68,7 @@ def traffic_per_client(run_dir: Path) -> dict[str, tuple[float, float]]:
     client-rounds. A run whose tier trained no client (a centralized bound) has 0 both ways.
     """
     sums: dict[str, list[float]] = {}
-    for r in run_records(run_dir):
+    for r in records:
         acc = sums.setdefault(r["tier"], [0.0, 0.0, 0.0])
         acc[0] += r.get("bytes_sent") or 0
         acc[1] += r.get("bytes_received") or 0
@@ -79,8 +80,9 @@ def collect(run_dirs: dict[tuple[str, int], Path]) -> list[dict]:
     """One row per (method, seed, tier) from each run's last evaluated round, with its traffic."""
     rows = []
     for (method, seed), run_dir in sorted(run_dirs.items()):
-        traffic = traffic_per_client(run_dir)
-        for record in last_evaluation(run_dir):
+        records = run_records(run_dir)  # read once: the traffic needs every round, the metrics the last
+        traffic = traffic_per_client(records)
+        for record in last_evaluated(records):
             down, up = traffic[record["tier"]]
             rows.append({
                 "method": method, "seed": seed, "tier": record["tier"], "beta": record["beta"], "k": record["k"],
@@ -113,8 +115,8 @@ def summarize(rows: list[dict], *, reference: str = REFERENCE, level: float = 0.
                 "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0, "n": int(acc.size),
                 "flops_per_example": float(flops.mean()),
                 "flops_ratio_to_dense": float(np.mean([v["flops_ratio_to_dense"] for v in values.values()])),
-                "bytes_down": float(np.mean([v.get("bytes_down_per_client_round", 0) for v in values.values()])),
-                "bytes_up": float(np.mean([v.get("bytes_up_per_client_round", 0) for v in values.values()])),
+                "bytes_down": float(np.mean([v["bytes_down_per_client_round"] for v in values.values()])),
+                "bytes_up": float(np.mean([v["bytes_up_per_client_round"] for v in values.values()])),
             }  # fmt: skip
         diffs = {}
         ref = by_method.get(reference, {})
