@@ -123,6 +123,11 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     if args.runs:
+        ignored = [f"--{k}" for k in ("experiment", "methods", "rounds", "profile", "out")
+                   if getattr(args, k) != parser.get_default(k)] + (["overrides"] if args.overrides else [])  # fmt: skip
+        if ignored:
+            parser.error(f"--runs: tabulates finished runs and trains nothing, so {', '.join(ignored)} would be ignored; "
+                         "allowed with --runs: run directories only")
         print(table({method_of(run): summarize_timings(run) for run in args.runs}))
         return
     methods = [m for m in args.methods.split(",") if m]

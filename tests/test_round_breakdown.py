@@ -56,3 +56,11 @@ def test_a_run_without_setup_seconds_is_refused_by_name(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "benchmarks/round_breakdown.py", "--runs", str(run)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode != 0 and f"{run}: timings.jsonl has no setup_seconds" in proc.stderr
+
+
+def test_runs_with_training_options_is_refused_before_any_work(tmp_path: Path) -> None:
+    run = _run(tmp_path, "ubsmoe")
+    proc = subprocess.run([sys.executable, "benchmarks/round_breakdown.py", "--rounds", "3", "--runs", str(run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "--runs: tabulates finished runs" in proc.stderr and "--rounds" in proc.stderr
+    assert "| ubsmoe |" not in proc.stdout
