@@ -70,9 +70,9 @@ def traffic_per_client(records: list[dict]) -> dict[str, tuple[float, float]]:
     sums: dict[str, list[float]] = {}
     for r in records:
         acc = sums.setdefault(r["tier"], [0.0, 0.0, 0.0])
-        acc[0] += r.get("bytes_sent") or 0
-        acc[1] += r.get("bytes_received") or 0
-        acc[2] += r.get("num_clients") or 0
+        acc[0] += r["bytes_sent"]
+        acc[1] += r["bytes_received"]
+        acc[2] += r["num_clients"]
     return {tier: (down / max(n, 1.0), up / max(n, 1.0)) for tier, (down, up, n) in sums.items()}
 
 
